@@ -1,0 +1,87 @@
+# Neuron Warehouse: one target per stage. `make help` lists them.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DELETE_ON_ERROR:
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+STORAGE ?= storage
+NWH := $(VENV)/bin/nwh
+STAMP := $(VENV)/.installed
+
+MODEL ?= zoo-s0
+REVISION ?=
+CORPUS ?= stdlib
+PROMPTS ?= examples/prompts.csv
+NUM_SAMPLES ?= 64
+RUN ?=
+LAYERS ?=
+ARGS ?=
+Q ?= select * from runs
+OUT ?=
+
+rev_arg = $(if $(REVISION),--revision $(REVISION),)
+run_arg = $(if $(RUN),--run $(RUN),)
+layers_arg = $(if $(LAYERS),--layers $(LAYERS),)
+out_arg = $(if $(OUT),--out $(OUT),)
+
+.PHONY: help setup zoo extract extract-prompts trace sql demo test lint bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q '$(TORCH_SPEC)'
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(STAMP) ## create .venv and install the project (torch pinned first: TORCH_SPEC)
+
+zoo: $(STAMP) ## build the embedded model zoo (tokenizer + zoo-s0/1/2 with checkpoints); cached
+	$(NWH) zoo --storage $(STORAGE) $(ARGS)
+
+extract: zoo ## extract a corpus: MODEL=zoo-s0 REVISION= CORPUS=stdlib NUM_SAMPLES=64 LAYERS= RUN= ARGS=
+	$(NWH) extract --storage $(STORAGE) --model $(MODEL) $(rev_arg) --corpus $(CORPUS) \
+		--num-samples $(NUM_SAMPLES) $(layers_arg) $(run_arg) $(ARGS)
+
+extract-prompts: zoo ## generate from a prompts CSV and extract: PROMPTS=examples/prompts.csv MODEL=...
+	$(NWH) extract --storage $(STORAGE) --model $(MODEL) $(rev_arg) --prompts $(PROMPTS) \
+		$(layers_arg) $(run_arg) $(ARGS)
+
+trace: zoo ## activation vector of one text: TEXT="..." MODEL=zoo-s0
+	$(NWH) trace --storage $(STORAGE) --model $(MODEL) $(rev_arg) --text "$(TEXT)" $(run_arg) $(ARGS)
+
+sql: $(STAMP) ## ask SQL of the warehouse: Q="select ..." OUT=result.csv
+	$(NWH) sql --storage $(STORAGE) "$(Q)" $(out_arg)
+
+demo: zoo ## the main job on the embedded zoo: extraction (corpus + prompts) and SQL over it
+	$(NWH) extract --storage $(STORAGE) --model zoo-s0 --corpus stdlib --num-samples 256 \
+		--store-acts --run demo-corpus --quiet
+	$(NWH) extract --storage $(STORAGE) --model zoo-s0 --prompts examples/prompts.csv \
+		--seed 42 --temperature 0.8 --top-k 50 --run demo-prompts --quiet
+	$(NWH) trace --storage $(STORAGE) --model zoo-s0 --run demo-trace \
+		--text "Return the absolute value of the argument."
+	@echo "== runs"
+	$(NWH) sql --storage $(STORAGE) "select run_id, model, revision, input_kind, num_rows, num_neurons, round(seconds, 1) as seconds from runs order by run_id"
+	@echo "== share of active neurons per layer (demo-corpus)"
+	$(NWH) sql --storage $(STORAGE) "select layer, count(*) as neurons, round(avg(active_count / count), 3) as mean_frequency, sum((active_count = 0)::int) as never_active from neuron_stats where run_id = 'demo-corpus' group by layer order by layer"
+	@echo "== top 10 tokens of neuron 3 in layer 2 (demo-corpus)"
+	$(NWH) sql --storage $(STORAGE) "select t.token, t.sample, t.position, round(v.value, 3) as value from neuron_values('demo-corpus', 'acts', 2, 3) v join tokens t on t.run_id = 'demo-corpus' and t.row = v.row order by v.value desc limit 10"
+	@echo "== generated text of the prompts run"
+	$(NWH) sql --storage $(STORAGE) "select prompt, prompt_sample, string_agg(token, '' order by position) as text from tokens where run_id = 'demo-prompts' group by all order by all"
+
+test: $(STAMP) ## run the test suite
+	$(VENV)/bin/python -m pytest -n 2 tests
+
+lint: $(STAMP) ## ruff over the code
+	$(VENV)/bin/ruff check pipeline tests benchmarks
+
+bench: $(STAMP) ## run the benchmarks (figures printed; see benchmarks/README.md)
+	$(VENV)/bin/python benchmarks/extraction.py
+
+clean: ## remove the warehouse data under STORAGE (keeps models)
+	rm -rf $(STORAGE)/runs $(STORAGE)/tables $(STORAGE)/reports $(STORAGE)/warehouse.duckdb

@@ -1,0 +1,77 @@
+"""Zarr v3 arrays of a run: dense activations, bit-packed active masks, co-activation counts.
+
+    acts/L<l>        float16 [T, d_mlp]          (optional, `--store-acts`)
+    active/L<l>      uint8   [T, ceil(d_mlp/8)]  bit n%8 (little-endian) of byte n//8 = neuron n
+    coact/L<a>_L<b>  int64   [d_a, d_b]
+
+Row r of every array is row r of the run's `tokens` table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+BITORDER = "little"
+
+
+def open_group(path: Path, mode: str = "a") -> zarr.Group:
+    return zarr.open_group(store=str(path), mode=mode)
+
+
+def packed_width(width: int) -> int:
+    return (width + 7) // 8
+
+
+def ensure_rows_array(
+    group: zarr.Group, name: str, *, width: int, dtype: str, chunk_rows: int, compress: bool
+) -> zarr.Array:
+    """A [rows, width] array growing along rows; created empty if absent."""
+    if name in group:
+        return group[name]
+    return group.create_array(
+        name=name, shape=(0, width), chunks=(chunk_rows, width), dtype=dtype,
+        compressors=[ZstdCodec(level=1)] if compress else None, fill_value=0,
+    )
+
+
+def write_rows(array: zarr.Array, start: int, block: np.ndarray) -> None:
+    stop = start + block.shape[0]
+    if array.shape[0] < stop:
+        array.resize((stop, array.shape[1]))
+    array[start:stop] = block
+
+
+def truncate_rows(group: zarr.Group, rows: int) -> None:
+    """Cut every row array back to `rows` (drops rows written after the last commit)."""
+    for kind in ("acts", "active"):
+        if kind not in group:
+            continue
+        for _, array in group[kind].arrays():
+            if array.shape[0] != rows:
+                array.resize((rows, array.shape[1]))
+
+
+def pack_mask(active) -> np.ndarray:
+    """Bit-pack a boolean [tokens, width] torch tensor (any device) into uint8 [tokens, ceil(width/8)]."""
+    import torch
+
+    tokens, width = active.shape
+    pad = (-width) % 8
+    if pad:
+        active = torch.nn.functional.pad(active, (0, pad))
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=active.device)
+    packed = (active.view(tokens, -1, 8).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+    return packed.cpu().numpy()
+
+
+def unpack_mask(packed: np.ndarray, width: int) -> np.ndarray:
+    """Boolean [tokens, width] from packed uint8 rows."""
+    return np.unpackbits(packed, axis=1, count=width, bitorder=BITORDER).astype(bool)
+
+
+def layer_array(group: zarr.Group, kind: str, layer: int) -> zarr.Array:
+    return group[f"{kind}/L{layer}"]

@@ -1,0 +1,17 @@
+-- One view per warehouse table over tables/<table>/run_id=<run>/*.parquet.
+-- Paths are relative to the storage root (the connection's file_search_path);
+-- run_id comes from the hive partition folder.
+create or replace view tokens as
+select * from read_parquet('tables/tokens/*/*.parquet', hive_partitioning = true);
+
+create or replace view neurons as
+select * from read_parquet('tables/neurons/*/*.parquet', hive_partitioning = true);
+
+create or replace view neuron_stats as
+select * from read_parquet('tables/neuron_stats/*/*.parquet', hive_partitioning = true);
+
+create or replace view runs as
+select * from read_parquet('tables/runs/*/*.parquet', hive_partitioning = true);
+
+create or replace view trace as
+select * from read_parquet('tables/trace/*/*.parquet', hive_partitioning = true);
