@@ -63,3 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: committed work is kept; run the same command to resume", file=sys.stderr)
         return 130
     return int(code or 0)
+
+
+def echo(*parts: object) -> None:
+    """User-facing output of a CLI handler (library code logs instead)."""
+    print(*parts)

@@ -16,6 +16,7 @@ tables and arrays of an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import platform
@@ -279,6 +280,26 @@ def extract(config: ExtractConfig, storage: Storage, *, overwrite: bool = False,
     offsets = loaded.layer_offsets
     tokenizer, device = loaded.tokenizer, loaded.device
 
+    if prompts is None:
+        units = _corpus_units(config, tokenizer)
+        first = next(units, None)  # reads the corpus now, so a bad one fails before any write
+        if first is None:
+            raise UserError(f"corpus {config.corpus!r} gives no window of {config.max_length} "
+                            "tokens: lower --max-length or give more text")
+        units = itertools.chain([first], units)
+        total = config.num_samples * config.max_length
+    else:
+        encoded = [tokenizer(p.text)["input_ids"] for p in prompts]
+        limit = getattr(loaded.model.config, "max_position_embeddings", None) or getattr(
+            loaded.model.config, "n_positions", None)
+        for i, (p, ids) in enumerate(zip(prompts, encoded)):
+            if limit and len(ids) + p.new_tokens > limit:
+                raise UserError(f"prompt {i} needs {len(ids) + p.new_tokens} positions but the "
+                                f"model has {limit}: lower number_of_new_tokens")
+        units = (Unit(i, None, prompt=i, prompt_len=len(ids)) for i, ids in enumerate(encoded))
+        total = sum(p.num_samples * (len(ids) + p.new_tokens) for p, ids in zip(prompts, encoded))
+
+
     if existing is None:
         remove_run(storage, run_id)  # --overwrite of another configuration, or debris
         manifest = {
@@ -314,20 +335,6 @@ def extract(config: ExtractConfig, storage: Storage, *, overwrite: bool = False,
                   if prompts is None else config.chunk_tokens)
     writer = _Writer(storage, run_id, manifest, group, layers, dense_layers, widths,
                      chunk_rows, moments)
-
-    if prompts is None:
-        units = _corpus_units(config, tokenizer)
-        total = config.num_samples * config.max_length
-    else:
-        encoded = [tokenizer(p.text)["input_ids"] for p in prompts]
-        limit = getattr(loaded.model.config, "max_position_embeddings", None) or getattr(
-            loaded.model.config, "n_positions", None)
-        for i, (p, ids) in enumerate(zip(prompts, encoded)):
-            if limit and len(ids) + p.new_tokens > limit:
-                raise UserError(f"prompt {i} needs {len(ids) + p.new_tokens} positions but the "
-                                f"model has {limit}: lower number_of_new_tokens")
-        units = (Unit(i, None, prompt=i, prompt_len=len(ids)) for i, ids in enumerate(encoded))
-        total = sum(p.num_samples * (len(ids) + p.new_tokens) for p, ids in zip(prompts, encoded))
 
     token_text = _TokenText(tokenizer)
     base = loaded.adapter.base_model(loaded.model)
@@ -475,15 +482,17 @@ def add_common_arguments(parser) -> None:
 
 
 def _cli(args) -> int:
+    from pipeline.cli import echo
+
     config = from_args(ExtractConfig, args)
     storage = Storage(args.storage)
     before = storage.run_manifest(config.run_id)
     was_finished = before.exists() and read_json(before).get("status") == "finished"
     manifest = extract(config, storage, overwrite=args.overwrite, progress=not args.quiet)
     if was_finished and manifest.get("config_hash") == config.config_hash():
-        print(f"run {config.run_id} is already finished with this configuration: nothing to do")
+        echo(f"run {config.run_id} is already finished with this configuration: nothing to do")
     else:
         t = manifest["timings"]
-        print(f"run {config.run_id}: {manifest['rows']} token rows, {manifest['samples']} "
+        echo(f"run {config.run_id}: {manifest['rows']} token rows, {manifest['samples']} "
               f"sequences, {t['tokens_per_s']:.0f} tok/s -> {storage.run_dir(config.run_id)}")
     return 0

@@ -113,10 +113,12 @@ def register(sub) -> None:
 
 
 def _cli(args) -> int:
+    from pipeline.cli import echo
+
     storage = Storage(args.storage)
     result = trace(from_args(TraceConfig, args), storage)
     per_layer = np.bincount(result.layer, weights=result.active).astype(int)
-    print(f"run {result.run_id}: {int(result.active.sum())} of {result.active.size} neurons "
+    echo(f"run {result.run_id}: {int(result.active.sum())} of {result.active.size} neurons "
           f"active at the last token; per layer: {per_layer.tolist()}")
-    print(f"wrote {storage.run_dir(result.run_id)}/active_neurons.txt and activation_vector.npy")
+    echo(f"wrote {storage.run_dir(result.run_id)}/active_neurons.txt and activation_vector.npy")
     return 0

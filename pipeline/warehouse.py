@@ -194,12 +194,14 @@ def register(sub) -> None:
 def _cli(args) -> int:
     import polars as pl
 
+    from pipeline.cli import echo
+
     frame = run_query(Storage(args.storage), args.query, args.out)
     if frame is None:
         return 0
     if args.out:
-        print(f"wrote {frame.height} rows to {args.out}")
+        echo(f"wrote {frame.height} rows to {args.out}")
     else:
         with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
-            print(frame)
+            echo(frame)
     return 0
