@@ -140,6 +140,7 @@ def load_model(
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # our stages show their own progress
+        hf_logging.set_verbosity_error()
 
         config = AutoConfig.from_pretrained(where, **kwargs)
         model_cls = _model_class(config)
