@@ -28,7 +28,6 @@ class Family:
     w_in: str                 # projection feeding the nonlinearity, relative to a layer
     w_up: str | None = None   # the ungated branch of a gated MLP
     conv1d: bool = False      # GPT-2's Conv1D stores weight as [in, out]
-    unembed: tuple[str, ...] = ("lm_head",)  # candidate LM-head paths; else tied input embeddings
     causal: bool = True
 
 
@@ -37,8 +36,7 @@ _GATED = Family(_DECODER, "mlp.down_proj", "mlp.gate_proj", w_up="mlp.up_proj")
 
 FAMILIES: dict[str, Family] = {
     "gpt2": Family(("transformer.h", "h"), "mlp.c_proj", "mlp.c_fc", conv1d=True),
-    "gpt_neox": Family(("gpt_neox.layers", "layers"), "mlp.dense_4h_to_h", "mlp.dense_h_to_4h",
-                       unembed=("embed_out",)),
+    "gpt_neox": Family(("gpt_neox.layers", "layers"), "mlp.dense_4h_to_h", "mlp.dense_h_to_4h"),
     "llama": _GATED,
     "qwen2": _GATED,
     "qwen3": _GATED,
@@ -46,10 +44,9 @@ FAMILIES: dict[str, Family] = {
     "gemma": _GATED,
     "gemma2": _GATED,
     "opt": Family(("model.decoder.layers", "decoder.layers"), "fc2", "fc1"),
-    "bert": Family(("bert.encoder.layer", "encoder.layer"), "output.dense", "intermediate.dense",
-                   unembed=("cls.predictions.decoder",), causal=False),
+    "bert": Family(("bert.encoder.layer", "encoder.layer"), "output.dense", "intermediate.dense", causal=False),
     "roberta": Family(("roberta.encoder.layer", "encoder.layer"), "output.dense",
-                      "intermediate.dense", unembed=("lm_head.decoder",), causal=False),
+                      "intermediate.dense", causal=False),
 }
 SUPPORTED_FAMILIES = tuple(FAMILIES)
 
@@ -113,11 +110,10 @@ class Adapter:
 
     def unembed(self, model) -> torch.Tensor:
         """[d_model, vocab]: the LM head, or the tied input embeddings of a base model."""
-        for path in self.spec.unembed:
-            head = _get(model, path)
-            if head is not None and getattr(head, "weight", None) is not None:
-                return head.weight.detach().T
-        return model.get_input_embeddings().weight.detach().T
+        head = model.get_output_embeddings()
+        if head is None or getattr(head, "weight", None) is None:
+            head = model.get_input_embeddings()
+        return head.weight.detach().T
 
     def base_model(self, model) -> torch.nn.Module:
         """The trunk without the LM head (extraction needs no logits)."""

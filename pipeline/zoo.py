@@ -232,7 +232,6 @@ def build_zoo(config: ZooConfig, storage: Storage, *, force: bool = False,
               progress: bool = True) -> dict:
     """Build (or reuse) the zoo; returns the manifest."""
     import torch
-
     from transformers.utils import logging as hf_logging
 
     from pipeline.stdlib_corpus import split_documents
