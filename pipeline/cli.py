@@ -19,6 +19,7 @@ STAGE_MODULES = [
     "pipeline.zoo",
     "pipeline.extract",
     "pipeline.trace",
+    "pipeline.coactivation",
     "pipeline.warehouse",
 ]
 

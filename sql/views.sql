@@ -15,3 +15,6 @@ select * from read_parquet('tables/runs/*/*.parquet', hive_partitioning = true);
 
 create or replace view trace as
 select * from read_parquet('tables/trace/*/*.parquet', hive_partitioning = true);
+
+create or replace view coactivation_pairs as
+select * from read_parquet('tables/coactivation_pairs/*/*.parquet', hive_partitioning = true);
