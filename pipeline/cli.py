@@ -20,6 +20,7 @@ STAGE_MODULES = [
     "pipeline.extract",
     "pipeline.trace",
     "pipeline.coactivation",
+    "pipeline.dormancy",
     "pipeline.warehouse",
 ]
 

@@ -18,3 +18,6 @@ select * from read_parquet('tables/trace/*/*.parquet', hive_partitioning = true)
 
 create or replace view coactivation_pairs as
 select * from read_parquet('tables/coactivation_pairs/*/*.parquet', hive_partitioning = true);
+
+create or replace view dormancy as
+select * from read_parquet('tables/dormancy/*/*.parquet', hive_partitioning = true);
