@@ -21,6 +21,7 @@ STAGE_MODULES = [
     "pipeline.trace",
     "pipeline.coactivation",
     "pipeline.dormancy",
+    "pipeline.frequencies",
     "pipeline.warehouse",
 ]
 
