@@ -98,7 +98,7 @@ def rss_child(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "nwh-bench"))
@@ -111,6 +111,10 @@ def main() -> None:
     print(f"device={args.device} threads={torch.get_num_threads()} tokens={args.tokens} "
           f"batch={args.batch_size}x{args.max_length} model=gpt2-small shape (random weights)")
     base = bare_forward(model_dir, corpus, args)
+    warm = argparse.Namespace(**{**vars(args), "tokens": args.max_length * args.batch_size})
+    remove_run(Storage(Path(args.workdir) / "wh"), "bench-warmup")
+    extract(config(model_dir, corpus, warm.tokens, warm, run="bench-warmup"),
+            Storage(Path(args.workdir) / "wh"), progress=False)  # warm caches, as bare_forward does
     masks = timed_extract(model_dir, corpus, args, "bench-masks")
     dense = timed_extract(model_dir, corpus, args, "bench-dense", store_acts=True)
     print(f"bare forward (trunk, no hooks)      {base:8.0f} tok/s")

@@ -12,6 +12,69 @@ from pathlib import Path
 import numpy as np
 
 SUM_FIELDS = ("sum", "sum_sq", "sum_abs", "sum_cube", "sum_quad")
+_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], np.int32)
+_kernel = None
+
+
+def _fused_kernel():
+    """One pass over a float32 block: float64 moments, min, max, active counts and packed bits.
+
+    Parallel over blocks of 64 neurons, each with local accumulators, so threads never share
+    an output element and the result does not depend on the thread count.
+    """
+    global _kernel
+    if _kernel is not None:
+        return _kernel
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def fused(x, thr, sums, mn, mx, act, packed):
+        n, d = x.shape
+        block = 64
+        for blk in prange((d + block - 1) // block):
+            j0 = blk * block
+            w = min(j0 + block, d) - j0
+            s1 = np.zeros(block)
+            s2 = np.zeros(block)
+            sa = np.zeros(block)
+            s3 = np.zeros(block)
+            s4 = np.zeros(block)
+            lo = np.full(block, np.inf)
+            hi = np.full(block, -np.inf)
+            ac = np.zeros(block, np.int64)
+            bits = np.zeros(block, np.uint8)
+            for r in range(n):
+                for k in range(w):
+                    v = np.float64(x[r, j0 + k])
+                    v2 = v * v
+                    s1[k] += v
+                    s2[k] += v2
+                    sa[k] += abs(v)
+                    s3[k] += v2 * v
+                    s4[k] += v2 * v2
+                    lo[k] = min(lo[k], v)
+                    hi[k] = max(hi[k], v)
+                    on = x[r, j0 + k] > thr
+                    ac[k] += on
+                    bits[k] = on
+                for b in range((w + 7) // 8):
+                    byte = 0
+                    for k in range(8):
+                        if b * 8 + k < w:
+                            byte |= bits[b * 8 + k] << k
+                    packed[r, j0 // 8 + b] = byte
+            for k in range(w):
+                sums[0, j0 + k] += s1[k]
+                sums[1, j0 + k] += s2[k]
+                sums[2, j0 + k] += sa[k]
+                sums[3, j0 + k] += s3[k]
+                sums[4, j0 + k] += s4[k]
+                mn[j0 + k] = min(mn[j0 + k], lo[k])
+                mx[j0 + k] = max(mx[j0 + k], hi[k])
+                act[j0 + k] += ac[k]
+
+    _kernel = fused
+    return fused
 
 
 @dataclass
@@ -55,6 +118,30 @@ class NeuronMoments:
         self.active_count += (x > self.active_threshold).sum(0).cpu().numpy()
         self.count += x.shape[0]
 
+    def update_and_pack(self, acts) -> tuple[np.ndarray, np.ndarray]:
+        """Add a block [tokens, width] and return its packed active bits and active count per row.
+
+        On the CPU one fused numba pass does it all; on CUDA the torch path stays on the device.
+        """
+        import torch
+
+        from pipeline.arrays import pack_mask
+
+        x = torch.as_tensor(acts).reshape(-1, self.width)
+        if x.device.type != "cpu":
+            self.update(x)
+            active = x > self.active_threshold
+            return pack_mask(active), active.sum(1, dtype=torch.int32).cpu().numpy()
+        x = np.ascontiguousarray(x.to(torch.float32).numpy())
+        packed = np.empty((x.shape[0], (self.width + 7) // 8), np.uint8)
+        sums = np.stack([self.sums[k] for k in SUM_FIELDS])
+        _fused_kernel()(x, np.float32(self.active_threshold), sums, self.min, self.max,
+                        self.active_count, packed)
+        for i, k in enumerate(SUM_FIELDS):
+            self.sums[k] = sums[i]
+        self.count += x.shape[0]
+        return packed, _POPCOUNT8[packed].sum(1, dtype=np.int32)
+
     def merge(self, other: NeuronMoments) -> NeuronMoments:
         if other.width != self.width or other.active_threshold != self.active_threshold:
             raise ValueError("cannot merge accumulators of different layers or thresholds")
@@ -67,6 +154,9 @@ class NeuronMoments:
             max=np.maximum(self.max, other.max),
             active_count=self.active_count + other.active_count,
         )
+
+    def copy(self) -> NeuronMoments:
+        return self.merge(NeuronMoments(self.width, self.active_threshold))
 
     def columns(self) -> dict[str, np.ndarray]:
         """Columns of the neuron_stats table for this layer (without ids)."""

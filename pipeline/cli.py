@@ -22,6 +22,7 @@ STAGE_MODULES = [
     "pipeline.coactivation",
     "pipeline.dormancy",
     "pipeline.frequencies",
+    "pipeline.analysis",
     "pipeline.plots",
     "pipeline.warehouse",
 ]

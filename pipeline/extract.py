@@ -21,6 +21,7 @@ import json
 import logging
 import platform
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -207,6 +208,9 @@ class _Writer:
                                         chunk_rows=chunk_rows, compress=False)
             for l in dense_layers
         }
+        self.next_row = manifest["committed"]["rows"]
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -225,25 +229,61 @@ class _Writer:
         self.rows += len(token_cols["row"])
 
     def commit(self, units_done: int, samples: int) -> None:
-        committed = self.manifest["committed"]
-        start = committed["rows"]
-        if self.rows:
-            for l, blocks in self.packed.items():
-                arrays.write_rows(self.active[l], start, np.concatenate(blocks))
-            for l, blocks in self.dense.items():
-                arrays.write_rows(self.acts[l], start, np.concatenate(blocks))
-            cols = {k: np.concatenate([c[k] for c in self.token_cols]) for k in self.token_cols[0]}
-            tables.write_part(self.storage, "tokens", self.run_id, cols, part=f"part-{start:012d}")
-        state_dir = self.storage.run_dir(self.run_id) / "state"
-        state_name = f"moments-{start + self.rows:012d}.npz"
-        save_states(state_dir / state_name, self.moments)
-        old_state = committed.get("state")
-        committed.update(rows=start + self.rows, units=units_done, samples=samples,
-                         state=state_name)
-        write_json(self.storage.run_manifest(self.run_id), self.manifest)
-        if old_state and old_state != state_name:
-            (state_dir / old_state).unlink(missing_ok=True)
+        """Hand the buffered rows to a background writer (I/O overlaps the next forward passes).
+
+        Commits stay in order: each waits for the previous one, and within one commit the
+        manifest is written last, so a crash leaves the last complete commit on record.
+        """
+        self.wait()
+        start = self.next_row
+        job = dict(start=start, rows=self.rows, units=units_done, samples=samples,
+                   packed={l: np.concatenate(b) for l, b in self.packed.items() if b},
+                   dense={l: np.concatenate(b) for l, b in self.dense.items() if b},
+                   tokens={k: np.concatenate([c[k] for c in self.token_cols])
+                           for k in self.token_cols[0]} if self.token_cols else None,
+                   moments={l: m.copy() for l, m in self.moments.items()})
+        self.next_row = start + self.rows
         self._reset()
+        self._thread = threading.Thread(target=self._write, args=(job,), daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the pending commit is on disk; re-raise its error, if any."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def drain(self) -> None:
+        """Wait for the commit in flight, keeping its error for a later wait()."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _write(self, job: dict) -> None:
+        try:
+            start = job["start"]
+            for l, block in job["packed"].items():
+                arrays.write_rows(self.active[l], start, block)
+            for l, block in job["dense"].items():
+                arrays.write_rows(self.acts[l], start, block)
+            if job["tokens"] is not None:
+                tables.write_part(self.storage, "tokens", self.run_id, job["tokens"],
+                                  part=f"part-{start:012d}")
+            committed = self.manifest["committed"]
+            state_dir = self.storage.run_dir(self.run_id) / "state"
+            state_name = f"moments-{start + job['rows']:012d}.npz"
+            save_states(state_dir / state_name, job["moments"])
+            old_state = committed.get("state")
+            committed.update(rows=start + job["rows"], units=job["units"],
+                             samples=job["samples"], state=state_name)
+            write_json(self.storage.run_manifest(self.run_id), self.manifest)
+            if old_state and old_state != state_name:
+                (state_dir / old_state).unlink(missing_ok=True)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread by wait()
+            self._error = e
 
 
 def extract(config: ExtractConfig, storage: Storage, *, overwrite: bool = False,
@@ -337,6 +377,10 @@ def extract(config: ExtractConfig, storage: Storage, *, overwrite: bool = False,
                      chunk_rows, moments)
 
     token_text = _TokenText(tokenizer)
+    if device.type == "cpu":
+        from pipeline.accumulators import _fused_kernel
+
+        _fused_kernel()  # import numba and load the compiled kernel before the clock starts
     base = loaded.adapter.base_model(loaded.model)
     done_units = manifest["committed"]["units"]
     row = manifest["committed"]["rows"]
@@ -345,52 +389,54 @@ def extract(config: ExtractConfig, storage: Storage, *, overwrite: bool = False,
     bar = tqdm(total=total, initial=row, unit="tok", unit_scale=True, disable=not progress,
                desc=f"extract {run_id}", smoothing=0.1)
     captured: dict[int, Any] = {}
-    with torch.inference_mode(), capture_neurons(
-        loaded.sites, layers, on_batch=lambda l, x: captured.__setitem__(l, x)
-    ):
-        for unit in units:
-            if unit.index < done_units:
-                continue  # committed before an interruption
-            if prompts is not None:
-                unit.input_ids = _generate_unit(loaded, prompts[unit.index], encoded[unit.index],
-                                                config, unit.index)
-            ids = unit.input_ids.to(device)
-            captured.clear()
-            base(input_ids=ids)
-            n_seq, length = ids.shape
-            n = n_seq * length
-            packed, dense = {}, {}
-            num_active = torch.zeros(n, dtype=torch.int32, device=device)
-            for l in layers:
-                acts = captured[l].reshape(n, widths[l])
-                moments[l].update(acts)
-                active = acts > config.active_threshold
-                num_active += active.sum(1, dtype=torch.int32)
-                packed[l] = arrays.pack_mask(active)
-                if l in dense_layers:
-                    dense[l] = acts.to(torch.float16).cpu().numpy()
-            ids_np = unit.input_ids.reshape(-1).numpy().astype(np.int32)
-            positions = np.tile(np.arange(length, dtype=np.int32), n_seq)
-            is_prompt = prompts is not None
-            writer.add(packed, dense, {
-                "row": np.arange(row, row + n, dtype=np.int64),
-                "sample": np.repeat(np.arange(sample, sample + n_seq, dtype=np.int32), length),
-                "prompt": np.full(n, unit.prompt if is_prompt else -1, np.int32),
-                "prompt_sample": np.repeat(np.arange(n_seq, dtype=np.int32), length)
-                if is_prompt else np.full(n, -1, np.int32),
-                "position": positions,
-                "token_id": ids_np,
-                "token": np.array(token_text(ids_np), dtype=object),
-                "generated": positions >= unit.prompt_len if is_prompt else np.zeros(n, bool),
-                "num_active": num_active.cpu().numpy(),
-            })
-            row, sample = row + n, sample + n_seq
-            bar.update(n)
-            if writer.rows >= chunk_rows:
-                writer.commit(unit.index + 1, sample)
-            done_units = unit.index + 1
-    bar.close()
-    writer.commit(done_units, sample)
+    try:
+        with torch.inference_mode(), capture_neurons(
+            loaded.sites, layers, on_batch=lambda l, x: captured.__setitem__(l, x)
+        ):
+            for unit in units:
+                if unit.index < done_units:
+                    continue  # committed before an interruption
+                if prompts is not None:
+                    unit.input_ids = _generate_unit(loaded, prompts[unit.index], encoded[unit.index],
+                                                    config, unit.index)
+                ids = unit.input_ids.to(device)
+                captured.clear()
+                base(input_ids=ids)
+                n_seq, length = ids.shape
+                n = n_seq * length
+                packed, dense = {}, {}
+                num_active = np.zeros(n, np.int32)
+                for l in layers:
+                    acts = captured[l].reshape(n, widths[l])
+                    packed[l], active_per_row = moments[l].update_and_pack(acts)
+                    num_active += active_per_row
+                    if l in dense_layers:
+                        dense[l] = acts.to(torch.float16).cpu().numpy()
+                ids_np = unit.input_ids.reshape(-1).numpy().astype(np.int32)
+                positions = np.tile(np.arange(length, dtype=np.int32), n_seq)
+                is_prompt = prompts is not None
+                writer.add(packed, dense, {
+                    "row": np.arange(row, row + n, dtype=np.int64),
+                    "sample": np.repeat(np.arange(sample, sample + n_seq, dtype=np.int32), length),
+                    "prompt": np.full(n, unit.prompt if is_prompt else -1, np.int32),
+                    "prompt_sample": np.repeat(np.arange(n_seq, dtype=np.int32), length)
+                    if is_prompt else np.full(n, -1, np.int32),
+                    "position": positions,
+                    "token_id": ids_np,
+                    "token": np.array(token_text(ids_np), dtype=object),
+                    "generated": positions >= unit.prompt_len if is_prompt else np.zeros(n, bool),
+                    "num_active": num_active,
+                })
+                row, sample = row + n, sample + n_seq
+                bar.update(n)
+                if writer.rows >= chunk_rows:
+                    writer.commit(unit.index + 1, sample)
+                done_units = unit.index + 1
+        writer.commit(done_units, sample)
+        writer.wait()
+    finally:
+        bar.close()
+        writer.drain()  # an interrupted run still finishes the commit in flight
     seconds = manifest["timings"]["seconds"] + time.perf_counter() - t0
     manifest["timings"]["seconds"] = seconds
     _finish(storage, run_id, manifest, config, loaded, layers, offsets, moments, row, sample)

@@ -21,3 +21,15 @@ select * from read_parquet('tables/coactivation_pairs/*/*.parquet', hive_partiti
 
 create or replace view dormancy as
 select * from read_parquet('tables/dormancy/*/*.parquet', hive_partitioning = true);
+
+create or replace view important_neurons as
+select * from read_parquet('tables/important_neurons/*/*.parquet', hive_partitioning = true);
+
+create or replace view specific_neurons as
+select * from read_parquet('tables/specific_neurons/*/*.parquet', hive_partitioning = true);
+
+create or replace view consistent_neurons as
+select * from read_parquet('tables/consistent_neurons/*/*.parquet', hive_partitioning = true);
+
+create or replace view token_clusters as
+select * from read_parquet('tables/token_clusters/*/*.parquet', hive_partitioning = true);

@@ -148,3 +148,18 @@ def test_prompts_csv_errors(tmp_path, text, needle):
 def test_prompts_missing_file(tmp_path):
     with pytest.raises(UserError):
         read_prompts(tmp_path / "nope.csv")
+
+
+@given(st.integers(1, 50), st.integers(1, 150), st.floats(-0.5, 0.5), st.integers(0, 10_000))
+@settings(max_examples=40, deadline=None)
+def test_fused_kernel_equals_torch_path(tokens, width, threshold, seed):
+    x = torch.from_numpy(np.random.default_rng(seed).normal(size=(tokens, width)).astype(np.float32))
+    fused, plain = NeuronMoments(width, threshold), NeuronMoments(width, threshold)
+    packed, per_row = fused.update_and_pack(x)
+    fused.update_and_pack(x[: tokens // 2])
+    plain.update(x)
+    plain.update(x[: tokens // 2])
+    assert np.array_equal(packed, arrays.pack_mask(x > threshold))
+    assert np.array_equal(per_row, (x > threshold).sum(1).numpy())
+    for k, v in plain.columns().items():
+        np.testing.assert_allclose(fused.columns()[k], v, rtol=1e-12, atol=1e-12, err_msg=k)
