@@ -40,7 +40,7 @@ MAX_CHUNK = 8192  # tokens per block: keeps popcount blocks in cache and fp32 su
 # -- the popcount kernel (numba)
 
 
-def _build_kernel():
+def _build_kernels():
     from numba import njit, prange, types
     from numba.extending import intrinsic
 
@@ -53,42 +53,107 @@ def _build_kernel():
 
         return sig, codegen
 
+    @njit(inline="always")
+    def pair(a, b, i, j):
+        s = np.uint64(0)
+        for w in range(a.shape[1]):
+            s += popcount64(a[i, w] & b[j, w])
+        return s
+
     @njit(parallel=True, cache=True, nogil=True)
     def and_popcount(a, b, out):
-        """out[i, j] += sum_w popcount(a[i, w] & b[j, w]); a [da, W], b [db, W] uint64."""
+        """out[i, j] += sum_w popcount(a[i, w] & b[j, w]); a [da, W], b [db, W] uint64.
+
+        4 x 4 register tiles: each loaded word feeds four AND+popcounts.
+        """
         da, words = a.shape
         db = b.shape[0]
-        block = 256  # rows of b per pass: 256 x W words stay in L2
-        for j0 in range(0, db, block):
-            j1 = min(j0 + block, db)
-            for i in prange(da):
-                for j in range(j0, j1):
-                    s = 0
-                    for w in range(words):
-                        s += popcount64(a[i, w] & b[j, w])
-                    out[i, j] += s
+        da4, db4 = da - da % 4, db - db % 4
+        for it in prange(da4 // 4):
+            i = it * 4
+            for j in range(0, db4, 4):
+                c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = np.uint64(0)
+                c20 = c21 = c22 = c23 = c30 = c31 = c32 = c33 = np.uint64(0)
+                for w in range(words):
+                    a0, a1, a2, a3 = a[i, w], a[i + 1, w], a[i + 2, w], a[i + 3, w]
+                    b0, b1, b2, b3 = b[j, w], b[j + 1, w], b[j + 2, w], b[j + 3, w]
+                    c00 += popcount64(a0 & b0)
+                    c01 += popcount64(a0 & b1)
+                    c02 += popcount64(a0 & b2)
+                    c03 += popcount64(a0 & b3)
+                    c10 += popcount64(a1 & b0)
+                    c11 += popcount64(a1 & b1)
+                    c12 += popcount64(a1 & b2)
+                    c13 += popcount64(a1 & b3)
+                    c20 += popcount64(a2 & b0)
+                    c21 += popcount64(a2 & b1)
+                    c22 += popcount64(a2 & b2)
+                    c23 += popcount64(a2 & b3)
+                    c30 += popcount64(a3 & b0)
+                    c31 += popcount64(a3 & b1)
+                    c32 += popcount64(a3 & b2)
+                    c33 += popcount64(a3 & b3)
+                out[i, j] += c00
+                out[i, j + 1] += c01
+                out[i, j + 2] += c02
+                out[i, j + 3] += c03
+                out[i + 1, j] += c10
+                out[i + 1, j + 1] += c11
+                out[i + 1, j + 2] += c12
+                out[i + 1, j + 3] += c13
+                out[i + 2, j] += c20
+                out[i + 2, j + 1] += c21
+                out[i + 2, j + 2] += c22
+                out[i + 2, j + 3] += c23
+                out[i + 3, j] += c30
+                out[i + 3, j + 1] += c31
+                out[i + 3, j + 2] += c32
+                out[i + 3, j + 3] += c33
+            for j in range(db4, db):  # right edge
+                for k in range(4):
+                    out[i + k, j] += pair(a, b, i + k, j)
+        for i in prange(da4, da):  # bottom edge
+            for j in range(db):
+                out[i, j] += pair(a, b, i, j)
 
-    return and_popcount
+    @njit(parallel=True, cache=True, nogil=True)
+    def to_bitsets(packed, width, out):
+        """Token-major packed bytes [t, nb] -> neuron-major uint64 bitsets out [width, ceil(t/64)]."""
+        t, nb = packed.shape
+        for b in prange(nb):
+            for w in range(out.shape[1]):
+                r0 = w * 64
+                acc = np.zeros(8, np.uint64)
+                for r in range(r0, min(r0 + 64, t)):
+                    byte = packed[r, b]
+                    if byte:
+                        bit = np.uint64(1) << np.uint64(r - r0)
+                        for k in range(8):
+                            if (byte >> k) & 1:
+                                acc[k] |= bit
+                for k in range(8):
+                    if b * 8 + k < width:
+                        out[b * 8 + k, w] = acc[k]
+
+    return and_popcount, to_bitsets
 
 
-_kernel = None
+_kernels = None
 
 
-def _and_popcount():
-    global _kernel
-    if _kernel is None:
-        _kernel = _build_kernel()
-    return _kernel
+def _numba_kernels():
+    global _kernels
+    if _kernels is None:
+        _kernels = _build_kernels()
+    return _kernels
 
 
 def neuron_bitsets(packed: np.ndarray, width: int) -> np.ndarray:
     """Token-major packed rows [t, ceil(w/8)] -> neuron-major bitsets [w, ceil(t/64)] uint64."""
-    t = packed.shape[0]
-    bits = arrays.unpack_mask(packed, width)            # [t, w] bool
-    words = (t + 63) // 64
-    padded = np.zeros((words * 64, width), dtype=bool)
-    padded[:t] = bits
-    return np.ascontiguousarray(np.packbits(padded.T, axis=1, bitorder="little")).view(np.uint64)
+    out = np.zeros((width, (packed.shape[0] + 63) // 64), np.uint64)
+    if packed.shape[0]:
+        _numba_kernels()[1](np.ascontiguousarray(packed), width, out)
+    return out
 
 
 def counts_popcount(packed_a: np.ndarray, packed_b: np.ndarray, width_a: int, width_b: int,
@@ -97,7 +162,7 @@ def counts_popcount(packed_a: np.ndarray, packed_b: np.ndarray, width_a: int, wi
     for s in range(0, packed_a.shape[0], MAX_CHUNK):
         a = neuron_bitsets(packed_a[s:s + MAX_CHUNK], width_a)
         b = neuron_bitsets(packed_b[s:s + MAX_CHUNK], width_b)
-        _and_popcount()(a, b, out)
+        _numba_kernels()[0](a, b, out)
     return out
 
 
