@@ -27,10 +27,18 @@ run_arg = $(if $(RUN),--run $(RUN),)
 layers_arg = $(if $(LAYERS),--layers $(LAYERS),)
 out_arg = $(if $(OUT),--out $(OUT),)
 
-.PHONY: help setup zoo extract extract-prompts trace sql demo test lint bench clean
+THRESHOLD ?= 0.1
+REVISIONS ?=
+LOG_FILE ?=
+ROWS ?= 0,50,200
+VIS_MODE ?= default
+OUT_DIR ?= exports
+
+.PHONY: help setup zoo extract extract-prompts trace sql coactivation dormancy dormancy-sweep \
+	frequencies analyze plots export demo test lint bench bench-coactivation clean
 
 help: ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -58,7 +66,30 @@ trace: zoo ## activation vector of one text: TEXT="..." MODEL=zoo-s0
 sql: $(STAMP) ## ask SQL of the warehouse: Q="select ..." OUT=result.csv
 	$(NWH) sql --storage $(STORAGE) "$(Q)" $(out_arg)
 
-demo: zoo ## the main job on the embedded zoo: extraction (corpus + prompts) and SQL over it
+coactivation: $(STAMP) ## co-activation counts of adjacent layers: RUN=... ARGS="--engine sql"
+	$(NWH) coactivation --storage $(STORAGE) --run $(RUN) $(ARGS)
+
+dormancy: $(STAMP) ## dormant neurons per layer of a run: RUN=... THRESHOLD=0.1 LOG_FILE=
+	$(NWH) dormancy --storage $(STORAGE) --run $(RUN) --threshold $(THRESHOLD) \
+		$(if $(LOG_FILE),--log-file $(LOG_FILE),) $(ARGS)
+
+dormancy-sweep: zoo ## extract every checkpoint and log dormancy: MODEL=zoo-s0 REVISIONS="step0 ..."
+	$(NWH) dormancy-sweep --storage $(STORAGE) --model $(MODEL) --threshold $(THRESHOLD) \
+		$(if $(REVISIONS),--revisions "$(REVISIONS)",) $(if $(LOG_FILE),--log-file $(LOG_FILE),) $(ARGS)
+
+frequencies: $(STAMP) ## activation count and frequency per neuron: RUN=... OUT=freq.csv
+	$(NWH) frequencies --storage $(STORAGE) --run $(RUN) $(out_arg) $(ARGS)
+
+analyze: $(STAMP) ## important, token/position-specific, consistent neurons, token clusters: RUN=...
+	$(NWH) analyze --storage $(STORAGE) --run $(RUN) $(ARGS)
+
+plots: $(STAMP) ## sample activation maps of a run: RUN=... ROWS=0,50,200 VIS_MODE=default|cinematic|cinematic_no_text
+	$(NWH) plots --storage $(STORAGE) --run $(RUN) --rows $(ROWS) --vis-mode $(VIS_MODE) $(ARGS)
+
+export: $(STAMP) ## the reference scripts' files of a run: RUN=... OUT_DIR=exports
+	$(NWH) export --storage $(STORAGE) --run $(RUN) --out-dir $(OUT_DIR) $(ARGS)
+
+demo: zoo ## the main job on the zoo: extraction, SQL, dormancy sweep, co-activation, analysis, figures
 	$(NWH) extract --storage $(STORAGE) --model zoo-s0 --corpus stdlib --num-samples 256 \
 		--store-acts --run demo-corpus --quiet
 	$(NWH) extract --storage $(STORAGE) --model zoo-s0 --prompts examples/prompts.csv \
@@ -72,7 +103,21 @@ demo: zoo ## the main job on the embedded zoo: extraction (corpus + prompts) and
 	@echo "== top 10 tokens of neuron 3 in layer 2 (demo-corpus)"
 	$(NWH) sql --storage $(STORAGE) "select t.token, t.sample, t.position, round(v.value, 3) as value from neuron_values('demo-corpus', 'acts', 2, 3) v join tokens t on t.run_id = 'demo-corpus' and t.row = v.row order by v.value desc limit 10"
 	@echo "== generated text of the prompts run"
-	$(NWH) sql --storage $(STORAGE) "select prompt, prompt_sample, string_agg(token, '' order by position) as text from tokens where run_id = 'demo-prompts' group by all order by all"
+	$(NWH) sql --storage $(STORAGE) "select prompt, prompt_sample, replace(string_agg(token, '' order by position), chr(10), ' ') as text from tokens where run_id = 'demo-prompts' group by all order by all"
+	@echo "== dormancy over the checkpoints of zoo-s0"
+	$(NWH) dormancy-sweep --storage $(STORAGE) --model zoo-s0 --num-samples 64 \
+		--log-file $(STORAGE)/reports/demo/dormancy_zoo-s0.csv --log-mode write --quiet
+	$(NWH) plots --storage $(STORAGE) --dormancy-log $(STORAGE)/reports/demo/dormancy_zoo-s0.csv --name demo
+	@echo "== co-activation of adjacent layers (demo-corpus)"
+	$(NWH) coactivation --storage $(STORAGE) --run demo-corpus --quiet
+	$(NWH) sql --storage $(STORAGE) "select layer_a, layer_b, tokens, max_count, nonzero, engine, round(seconds, 2) as seconds from coactivation_pairs where run_id = 'demo-corpus' order by all"
+	@echo "== activation analysis and figures"
+	$(NWH) analyze --storage $(STORAGE) --run demo-prompts --min-token-count 2 --clusters 4 > /dev/null
+	$(NWH) analyze --storage $(STORAGE) --run demo-corpus > /dev/null
+	$(NWH) plots --storage $(STORAGE) --run demo-prompts --rows 0,30 --name demo
+	$(NWH) plots --storage $(STORAGE) --run demo-prompts --rows 30 --vis-mode cinematic --figure-rows 2 --name demo
+	$(NWH) top-tokens --storage $(STORAGE) --run demo-corpus --layer 3 --neuron 7 --k 8
+	$(NWH) export --storage $(STORAGE) --run demo-prompts --out-dir $(STORAGE)/reports/demo/exports --prefix zoo-s0
 
 test: $(STAMP) ## run the test suite
 	$(VENV)/bin/python -m pytest -n 2 tests
@@ -80,8 +125,11 @@ test: $(STAMP) ## run the test suite
 lint: $(STAMP) ## ruff over the code
 	$(VENV)/bin/ruff check pipeline tests benchmarks
 
-bench: $(STAMP) ## run the benchmarks (figures printed; see benchmarks/README.md)
+bench: $(STAMP) ## extraction throughput and memory benchmark (figures printed; benchmarks/README.md)
 	$(VENV)/bin/python benchmarks/extraction.py
+
+bench-coactivation: $(STAMP) ## co-activation engines benchmark (popcount, matmul, per-edge loop, SQL)
+	$(VENV)/bin/python benchmarks/coactivation.py
 
 clean: ## remove the warehouse data under STORAGE (keeps models)
 	rm -rf $(STORAGE)/runs $(STORAGE)/tables $(STORAGE)/reports $(STORAGE)/warehouse.duckdb

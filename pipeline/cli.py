@@ -24,6 +24,7 @@ STAGE_MODULES = [
     "pipeline.frequencies",
     "pipeline.analysis",
     "pipeline.plots",
+    "pipeline.export",
     "pipeline.warehouse",
 ]
 
