@@ -446,11 +446,9 @@ def extract(config: ExtractConfig, storage: Storage, *, overwrite: bool = False,
 
 
 def _generate_unit(loaded, prompt, prompt_ids, config: ExtractConfig, index: int):
-    import torch
+    from pipeline.generation import generate, prompt_generator
 
-    from pipeline.generation import generate
-
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + index)
+    generator = prompt_generator(config.seed, index)
     return generate(loaded.model, prompt_ids, new_tokens=prompt.new_tokens,
                     num_samples=prompt.num_samples, temperature=config.temperature,
                     top_k=config.top_k, generator=generator, device=loaded.device).cpu()

@@ -28,6 +28,11 @@ def generate(
     return torch.cat(pieces, dim=1)
 
 
+def prompt_generator(seed: int, prompt_index: int) -> torch.Generator:
+    """The CPU generator of one prompt: a run resumes, and an ablation replays, prompt by prompt."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + prompt_index)
+
+
 def sample_next(
     logits: torch.Tensor, *, temperature: float, top_k: int, generator: torch.Generator
 ) -> torch.Tensor:

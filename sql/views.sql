@@ -33,3 +33,18 @@ select * from read_parquet('tables/consistent_neurons/*/*.parquet', hive_partiti
 
 create or replace view token_clusters as
 select * from read_parquet('tables/token_clusters/*/*.parquet', hive_partitioning = true);
+
+create or replace view edges as
+select * from read_parquet('tables/edges/*/*.parquet', hive_partitioning = true);
+
+create or replace view threshold_analysis as
+select * from read_parquet('tables/threshold_analysis/*/*.parquet', hive_partitioning = true);
+
+create or replace view subsets as
+select * from read_parquet('tables/subsets/*/*.parquet', hive_partitioning = true);
+
+create or replace view ablation_generations as
+select * from read_parquet('tables/ablation_generations/*/*.parquet', hive_partitioning = true);
+
+create or replace view ablation_effects as
+select * from read_parquet('tables/ablation_effects/*/*.parquet', hive_partitioning = true);

@@ -1,0 +1,331 @@
+"""Thresholded co-activation graphs: edges above a weight threshold, igraph, threshold analysis.
+
+    nwh graph --run demo-corpus --threshold 0.5                  # edges table + summary
+    nwh graph --run demo-corpus --weight jaccard --thresholds 0.1 0.2 0.3
+
+The base graph (every neuron of layer l to every neuron of layer l+1) stays implicit: its
+nodes are the `neurons` table, its edge weights are computed pair by pair from the Zarr counts.
+Thresholding keeps the edges with weight > threshold (as the reference does), writes them to
+the `edges` table, and builds an igraph Graph from NumPy arrays (Graph(n) + add_edges, the lean
+path). The threshold analysis is one pass over the edges sorted by weight with a union-find.
+
+Weights of an edge (i in layer a, j in layer b), with C the count, n the active counts, T rows:
+    normalized = C / max C over the run (the reference), jaccard = C / (n_i + n_j - C),
+    npmi = ln(C T / (n_i n_j)) / -ln(C / T)   (1 when C = T). sql/edge_weights.sql is the
+    readable definition; `pair_weights` computes the same in NumPy (tested equal) for speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import polars as pl
+
+from pipeline import arrays, tables
+from pipeline.config import add_arguments, from_args, opt
+from pipeline.errors import UserError
+from pipeline.storage import DEFAULT_ROOT, Storage
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = ("normalized", "jaccard", "npmi")
+DEFAULT_THRESHOLDS = [round(0.1 * i, 1) for i in range(10)]
+
+
+def check_threshold(weight: str, threshold: float) -> None:
+    if weight not in WEIGHTS:
+        raise UserError(f"--weight {weight!r} is unknown: use one of {', '.join(WEIGHTS)}")
+    lo = -1.0 if weight == "npmi" else 0.0
+    if not lo <= threshold <= 1.0:
+        raise UserError(f"threshold {threshold} is outside [{lo:g}, 1] for weight {weight}"
+                        + (" (npmi lies in [-1, 1])" if weight == "npmi" else ""))
+
+
+@dataclass
+class RunGraph:
+    """What the graph stages need of a run: nodes, counted pairs, active counts, T, max count."""
+
+    run: str
+    neuron_ids: dict[int, np.ndarray]   # layer -> global ids of its neurons
+    active: dict[int, np.ndarray]       # layer -> active counts
+    pairs: list[tuple[int, int]]
+    tokens: int
+    max_count: int
+    n_nodes: int
+    offsets: dict[int, int]             # layer -> first node index (nodes are numbered 0..n-1)
+
+    def node_of(self, layer: int, neuron: np.ndarray) -> np.ndarray:
+        return self.offsets[layer] + neuron
+
+    @property
+    def node_ids(self) -> np.ndarray:
+        """Global neuron_id of node index 0..n-1."""
+        return np.concatenate([self.neuron_ids[l] for l in sorted(self.neuron_ids)])
+
+    @property
+    def node_layers(self) -> np.ndarray:
+        return np.concatenate([np.full(len(self.neuron_ids[l]), l, np.int32)
+                               for l in sorted(self.neuron_ids)])
+
+
+def load_run_graph(storage: Storage, run: str) -> RunGraph:
+    from pipeline.coactivation import _active_counts, max_count, run_manifest
+
+    manifest = run_manifest(storage, run)
+    group = arrays.open_group(storage.arrays(run), mode="r")
+    if "coact" not in group:
+        raise UserError(f"run {run!r} has no co-activation counts: run `nwh coactivation --run {run}`")
+    pairs = sorted(tuple(int(x[1:]) for x in key.split("_"))
+                   for key, a in group["coact"].arrays() if a.attrs.get("complete"))
+    neurons = tables.read_partition(storage, "neurons", run)
+    layer = neurons["layer"].to_numpy()
+    ids = neurons["neuron_id"].to_numpy()
+    neuron_ids = {int(l): ids[layer == l] for l in np.unique(layer)}
+    offsets, total = {}, 0
+    for l in sorted(neuron_ids):
+        offsets[l] = total
+        total += len(neuron_ids[l])
+    return RunGraph(run, neuron_ids, _active_counts(storage, run), pairs, manifest["rows"],
+                    max_count(storage, run), total, offsets)
+
+
+def pair_weights(counts: np.ndarray, n_a: np.ndarray, n_b: np.ndarray, tokens: int,
+                 max_count: int, weight: str) -> np.ndarray:
+    """Weight of every edge of a pair [d_a, d_b] (float64); edges with count 0 get -inf."""
+    c = counts.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if weight == "normalized":
+            w = c / max(max_count, 1)
+        elif weight == "jaccard":
+            w = c / (n_a[:, None] + n_b[None, :] - c)
+        else:
+            p_ab = c / tokens
+            w = np.log(c * tokens / (n_a[:, None].astype(np.float64) * n_b[None, :])) / -np.log(p_ab)
+            w = np.where(counts == tokens, 1.0, w)
+    return np.where(counts > 0, w, -np.inf)
+
+
+def iter_thresholded(g: RunGraph, storage: Storage, weight: str, threshold: float
+                     ) -> Iterator[tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per pair: (pair, node_a, node_b, count, weight) of the edges with weight > threshold."""
+    from pipeline.coactivation import read_counts
+
+    for a, b in g.pairs:
+        counts = read_counts(storage, g.run, a, b)
+        w = pair_weights(counts, g.active[a], g.active[b], g.tokens, g.max_count, weight)
+        i, j = np.nonzero(w > threshold)  # sorted by (i, j): the fast order for igraph
+        yield (a, b), g.node_of(a, i), g.node_of(b, j), counts[i, j], w[i, j]
+
+
+def thresholded_edges(g: RunGraph, storage: Storage, weight: str, threshold: float
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All edges above the threshold as (edges [m, 2] node indices, counts, weights)."""
+    src, dst, cnt, wts = [], [], [], []
+    for _, i, j, c, w in iter_thresholded(g, storage, weight, threshold):
+        src.append(i)
+        dst.append(j)
+        cnt.append(c)
+        wts.append(w)
+    if not src:
+        return np.zeros((0, 2), np.int64), np.zeros(0, np.int64), np.zeros(0)
+    edges = np.stack([np.concatenate(src), np.concatenate(dst)], axis=1).astype(np.int64)
+    return edges, np.concatenate(cnt), np.concatenate(wts)
+
+
+def no_edges_error(g: RunGraph, storage: Storage, weight: str, threshold: float) -> UserError:
+    best = max((float(w.max()) for *_, w in iter_thresholded(g, storage, weight, -np.inf)
+                if len(w)), default=None)
+    hint = (f"the largest {weight} weight is {best:.4g}: use a threshold below it"
+            if best is not None else "no neuron pair ever fired together")
+    return UserError(f"no edge has {weight} weight above {threshold}: {hint}")
+
+
+def build_graph(n_nodes: int, edges: np.ndarray):
+    """igraph Graph over nodes 0..n-1 from an int edge array (the lean construction path)."""
+    import igraph as ig
+
+    graph = ig.Graph(n=n_nodes, directed=False)
+    if len(edges):
+        graph.add_edges(edges)
+    return graph
+
+
+# -- threshold analysis: one pass with a union-find
+
+
+def _union_find_kernel():
+    from numba import njit
+
+    @njit(cache=True)
+    def run(n, src, dst, order, weights, thresholds_desc):
+        parent = np.arange(n)
+        size = np.ones(n, np.int64)
+        has_edge = np.zeros(n, np.bool_)
+        out = np.zeros((len(thresholds_desc), 7))
+        k = 0
+        components = n
+        nodes_with_edge = 0
+        for t_index in range(len(thresholds_desc)):
+            t = thresholds_desc[t_index]
+            while k < len(order) and weights[order[k]] > t:
+                e = order[k]
+                for v in (src[e], dst[e]):
+                    if not has_edge[v]:
+                        has_edge[v] = True
+                        nodes_with_edge += 1
+                ra = src[e]
+                while parent[ra] != ra:
+                    parent[ra] = parent[parent[ra]]
+                    ra = parent[ra]
+                rb = dst[e]
+                while parent[rb] != rb:
+                    parent[rb] = parent[parent[rb]]
+                    rb = parent[rb]
+                if ra != rb:
+                    if size[ra] < size[rb]:
+                        ra, rb = rb, ra
+                    parent[rb] = ra
+                    size[ra] += size[rb]
+                    components -= 1
+                k += 1
+            lo, hi, nontrivial = n, 0, 0
+            for v in range(n):
+                if parent[v] == v:
+                    lo = min(lo, size[v])
+                    hi = max(hi, size[v])
+                    if size[v] > 1:
+                        nontrivial += 1
+            out[t_index, 0] = nodes_with_edge
+            out[t_index, 1] = k
+            out[t_index, 2] = components
+            out[t_index, 3] = lo
+            out[t_index, 4] = hi
+            out[t_index, 5] = n / components
+            out[t_index, 6] = nontrivial
+        return out
+
+    return run
+
+
+def threshold_analysis(n_nodes: int, edges: np.ndarray, weights: np.ndarray,
+                       thresholds: list[float]) -> pl.DataFrame:
+    """Per threshold t (edges with weight > t): nodes with an edge, edges, connected components
+    (isolated nodes count as components of size 1, as in the reference's graph of all nodes),
+    min / max / mean component size, and components with more than one node."""
+    order = np.argsort(-weights, kind="stable")
+    ts = sorted(set(thresholds), reverse=True)
+    out = _union_find_kernel()(n_nodes, edges[:, 0].copy(), edges[:, 1].copy(), order,
+                               weights.astype(np.float64), np.array(ts, np.float64))
+    frame = pl.DataFrame({
+        "threshold": ts, "nodes_with_edge": out[:, 0].astype(np.int64),
+        "edges": out[:, 1].astype(np.int64), "components": out[:, 2].astype(np.int64),
+        "min_component": out[:, 3].astype(np.int64), "max_component": out[:, 4].astype(np.int64),
+        "mean_component": out[:, 5], "nontrivial_components": out[:, 6].astype(np.int64)})
+    return frame.sort("threshold")
+
+
+# -- stage
+
+
+@dataclass
+class GraphConfig:
+    run: str = opt(help="a run with co-activation counts")
+    weight: str = opt("normalized", help="edge weight: normalized (count / max, the reference), "
+                      "jaccard or npmi", choices=WEIGHTS)
+    threshold: float = opt(0.5, help="keep edges with weight > threshold (written to `edges`)")
+    thresholds: list[float] = opt(DEFAULT_THRESHOLDS, help="thresholds of the analysis")
+
+    def __post_init__(self) -> None:
+        check_threshold(self.weight, self.threshold)
+        for t in self.thresholds:
+            check_threshold(self.weight, t)
+
+
+def graph_stage(config: GraphConfig, storage: Storage) -> dict:
+    """Edges above the threshold, the threshold analysis, histograms; returns a summary."""
+    from pipeline.plots import plot_histogram
+
+    g = load_run_graph(storage, config.run)
+    t0 = time.perf_counter()
+    all_edges, all_counts, all_weights = thresholded_edges(g, storage, config.weight,
+                                                           min(config.thresholds + [config.threshold]))
+    analysis = threshold_analysis(g.n_nodes, all_edges, all_weights, config.thresholds)
+    tables.write_part(storage, "threshold_analysis", config.run,
+                      analysis.with_columns(pl.lit(config.weight).alias("weight"))
+                      .select(tables.schema("threshold_analysis").names).to_arrow(),
+                      part=f"{config.weight}")
+    keep = all_weights > config.threshold
+    edges, counts, weights = all_edges[keep], all_counts[keep], all_weights[keep]
+    if not len(edges):
+        raise no_edges_error(g, storage, config.weight, config.threshold)
+    ids, layers = g.node_ids, g.node_layers
+    tables.write_part(storage, "edges", config.run, {
+        "source": ids[edges[:, 0]], "target": ids[edges[:, 1]],
+        "layer_a": layers[edges[:, 0]], "layer_b": layers[edges[:, 1]],
+        "count": counts, "weight": weights,
+        "weight_kind": np.full(len(edges), config.weight, object),
+        "threshold": np.full(len(edges), config.threshold),
+    }, part=f"{config.weight}-{config.threshold:g}")
+    graph = build_graph(g.n_nodes, edges)
+    seconds = time.perf_counter() - t0
+    out_dir = storage.reports(config.run)
+    degrees = np.asarray(graph.degree())
+    plot_histogram(weights, out_dir / f"edge_weights_{config.weight}.png",
+                   title=f"Edge weights ({config.weight} > {config.threshold:g})", xlabel="weight")
+    plot_histogram(degrees, out_dir / f"degrees_{config.weight}_{config.threshold:g}.png",
+                   title=f"Node degrees ({config.weight} > {config.threshold:g})", xlabel="degree")
+    plot_threshold_analysis(analysis, out_dir / f"threshold_analysis_{config.weight}.png",
+                            config.weight)
+    return {"nodes": g.n_nodes, "edges": len(edges), "components": len(graph.connected_components()),
+            "seconds": seconds, "analysis": analysis}
+
+
+def plot_threshold_analysis(analysis: pl.DataFrame, path, weight: str):
+    import matplotlib.pyplot as plt
+
+    from pipeline.plots import _save
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    t = analysis["threshold"].to_numpy()
+    axes[0].plot(t, analysis["edges"], marker="o")
+    axes[0].set(yscale="symlog", title="Edges kept", xlabel=f"{weight} threshold", ylabel="edges")
+    axes[1].plot(t, analysis["nodes_with_edge"], marker="o", label="nodes with an edge")
+    axes[1].plot(t, analysis["nontrivial_components"], marker="s", label="components > 1 node")
+    axes[1].set(title="Nodes and components", xlabel=f"{weight} threshold")
+    axes[1].legend()
+    axes[2].plot(t, analysis["max_component"], marker="o", label="max")
+    axes[2].plot(t, analysis["mean_component"], marker="s", label="mean")
+    axes[2].set(yscale="log", title="Component size", xlabel=f"{weight} threshold", ylabel="nodes")
+    axes[2].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def register(sub) -> None:
+    from pipeline.cli import add_stage_parser
+
+    parser = add_stage_parser(
+        sub, "graph", "Threshold co-activation edges, build the igraph graph, analyse thresholds.",
+        "  nwh graph --run demo-corpus --threshold 0.5\n"
+        "  nwh graph --run demo-corpus --weight npmi --threshold 0.2 --thresholds -0.2 0 0.2 0.4\n"
+        "  nwh sql \"select * from threshold_analysis where run_id = 'demo-corpus'\"\n")
+    add_arguments(parser, GraphConfig)
+    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
+    parser.set_defaults(handler=_cli)
+
+
+def _cli(args) -> int:
+    from pipeline.cli import echo
+
+    summary = graph_stage(from_args(GraphConfig, args), Storage(args.storage))
+    with pl.Config(tbl_rows=20, tbl_cols=-1, tbl_width_chars=160):
+        echo(summary["analysis"])
+    echo(f"graph: {summary['nodes']} nodes, {summary['edges']} edges, {summary['components']} "
+         f"components ({summary['seconds']:.2f} s)")
+    return 0
