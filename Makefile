@@ -33,9 +33,15 @@ LOG_FILE ?=
 ROWS ?= 0,50,200
 VIS_MODE ?= default
 OUT_DIR ?= exports
+METHOD ?= degree
+RATIO ?= 0.01
+WEIGHT ?= normalized
+SUBSETS ?=
+CONTROLS ?= 5
 
 .PHONY: help setup zoo extract extract-prompts trace sql coactivation dormancy dormancy-sweep \
-	frequencies analyze plots export demo test lint bench bench-coactivation clean
+	frequencies analyze plots export graph subset subset-grid ablate demo test lint bench \
+	bench-coactivation bench-graph clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -89,6 +95,20 @@ plots: $(STAMP) ## sample activation maps of a run: RUN=... ROWS=0,50,200 VIS_MO
 export: $(STAMP) ## the reference scripts' files of a run: RUN=... OUT_DIR=exports
 	$(NWH) export --storage $(STORAGE) --run $(RUN) --out-dir $(OUT_DIR) $(ARGS)
 
+graph: $(STAMP) ## thresholded co-activation graph + threshold analysis: RUN=... THRESHOLD=0.5 WEIGHT=normalized
+	$(NWH) graph --storage $(STORAGE) --run $(RUN) --threshold $(THRESHOLD) --weight $(WEIGHT) $(ARGS)
+
+subset: $(STAMP) ## influential neurons by centrality: RUN=... THRESHOLD=0.5 RATIO=0.01 METHOD=degree
+	$(NWH) subset --storage $(STORAGE) --run $(RUN) --threshold $(THRESHOLD) --ratio $(RATIO) \
+		--method $(METHOD) --weight $(WEIGHT) $(ARGS)
+
+subset-grid: $(STAMP) ## subsets for thresholds x ratios x methods: RUN=... ARGS="--thresholds 0.3 0.5 --ratios ..."
+	$(NWH) subset-grid --storage $(STORAGE) --run $(RUN) --weight $(WEIGHT) $(ARGS)
+
+ablate: $(STAMP) ## ablate subsets in generation and on held-out text vs controls: RUN=... SUBSETS="a b"
+	$(NWH) ablate --storage $(STORAGE) --run $(RUN) --subsets $(SUBSETS) --prompts $(PROMPTS) \
+		--controls $(CONTROLS) $(ARGS)
+
 demo: zoo ## the main job on the zoo: extraction, SQL, dormancy sweep, co-activation, analysis, figures
 	$(NWH) extract --storage $(STORAGE) --model zoo-s0 --corpus stdlib --num-samples 256 \
 		--store-acts --run demo-corpus --quiet
@@ -118,6 +138,15 @@ demo: zoo ## the main job on the zoo: extraction, SQL, dormancy sweep, co-activa
 	$(NWH) plots --storage $(STORAGE) --run demo-prompts --rows 30 --vis-mode cinematic --figure-rows 2 --name demo
 	$(NWH) top-tokens --storage $(STORAGE) --run demo-corpus --layer 3 --neuron 7 --k 8
 	$(NWH) export --storage $(STORAGE) --run demo-prompts --out-dir $(STORAGE)/reports/demo/exports --prefix zoo-s0
+	@echo "== co-activation graph, threshold analysis and influential subsets (demo-corpus)"
+	$(NWH) graph --storage $(STORAGE) --run demo-corpus --threshold 0.5
+	$(NWH) subset-grid --storage $(STORAGE) --run demo-corpus --thresholds 0.5 \
+		--ratios 0.0025 0.005 0.01 --methods degree pagerank coreness
+	@echo "== ablation of the subsets vs random controls (zero ablation)"
+	$(NWH) ablate --storage $(STORAGE) --run demo-corpus --prompts examples/prompts.csv \
+		--subsets degree_t0.5_r0.0025 degree_t0.5_r0.005 degree_t0.5_r0.01 pagerank_t0.5_r0.005 \
+		pagerank_t0.5_r0.01 coreness_t0.5_r0.01 --controls 5 --quiet
+	$(NWH) sql --storage $(STORAGE) "select subset, prompt, sample_index, replace(generated_text, chr(10), ' ') as text from ablation_generations where run_id = 'demo-corpus' and sample_index = 0 and prompt = 0 order by subset"
 
 test: $(STAMP) ## run the test suite
 	$(VENV)/bin/python -m pytest -n 2 tests
@@ -130,6 +159,9 @@ bench: $(STAMP) ## extraction throughput and memory benchmark (figures printed; 
 
 bench-coactivation: $(STAMP) ## co-activation engines benchmark (popcount, matmul, per-edge loop, SQL)
 	$(VENV)/bin/python benchmarks/coactivation.py
+
+bench-graph: $(STAMP) ## the graph chain at gpt2-xl scale (48 x 6400 neurons, 16k tokens; ~5 min)
+	$(VENV)/bin/python benchmarks/gpt2xl_graph.py
 
 clean: ## remove the warehouse data under STORAGE (keeps models)
 	rm -rf $(STORAGE)/runs $(STORAGE)/tables $(STORAGE)/reports $(STORAGE)/warehouse.duckdb

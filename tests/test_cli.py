@@ -169,3 +169,18 @@ def test_trace_matches_forward(tmp_path, micro_model_dir, capsys):
     assert np.array_equal(vector, (expect > 0).astype(np.uint8))
     ids_txt = [int(x) for x in (run_dir / "active_neurons.txt").read_text().split()]
     assert ids_txt == np.flatnonzero(expect > 0).tolist()
+
+
+def test_every_stage_has_help_with_examples(capsys):
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    stages = next(a for a in parser._actions if a.dest == "stage").choices
+    assert {"zoo", "extract", "trace", "sql", "coactivation", "dormancy", "dormancy-sweep",
+            "frequencies", "analyze", "plots", "export", "graph", "subset", "subset-grid",
+            "ablate"} <= set(stages)
+    for stage in stages:
+        with pytest.raises(SystemExit) as e:
+            main([stage, "--help"])
+        assert e.value.code == 0
+        assert "Examples:" in capsys.readouterr().out
