@@ -104,12 +104,11 @@ def ablate(config: AblationConfig, storage: Storage, *, progress: bool = True) -
     import torch
     from tqdm.auto import tqdm
 
-    from pipeline.coactivation import run_manifest
     from pipeline.hooks import ablate_neurons
     from pipeline.inputs import iter_documents, iter_windows, read_prompts
     from pipeline.models import load_model
 
-    manifest = run_manifest(storage, config.run)
+    manifest = storage.finished_run(config.run)
     subsets = _load_subsets(config, storage)
     prompts_path = config.prompts or manifest["config"].get("prompts")
     prompts = read_prompts(prompts_path) if prompts_path else None

@@ -75,10 +75,9 @@ def active_events(storage: Storage, run: str, rows: np.ndarray, layers: list[int
 
 def analyze(config: AnalysisConfig, storage: Storage) -> dict[str, pl.DataFrame]:
     """Compute every analysis table of a run, write them to the warehouse, draw the plots."""
-    from pipeline.coactivation import run_manifest
     from pipeline.warehouse import connect, load_sql
 
-    manifest = run_manifest(storage, config.run)
+    manifest = storage.finished_run(config.run)
     layers, widths = manifest["model"]["layers"], manifest["model"]["widths"]
     rows = sample_rows(manifest["rows"], config.max_rows, config.seed)
     tokens = tables.read_partition(storage, "tokens", config.run)

@@ -263,18 +263,6 @@ def parse_pairs(spec: str | None, layers: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def run_manifest(storage: Storage, run: str) -> dict:
-    path = storage.run_manifest(run)
-    if not path.exists():
-        known = ", ".join(storage.list_runs()) or "none"
-        raise UserError(f"run {run!r} does not exist in {storage.root} (runs: {known}): "
-                        "extract it first")
-    manifest = read_json(path)
-    if manifest.get("status") != "finished" or "layers" not in manifest.get("model", {}):
-        raise UserError(f"run {run!r} is not a finished extraction: finish it with its extract command")
-    return manifest
-
-
 def pair_name(a: int, b: int) -> str:
     return f"coact/L{a}_L{b}"
 
@@ -295,7 +283,7 @@ def coactivation(config: CoactivationConfig, storage: Storage, *, overwrite: boo
 
     from pipeline.models import resolve_device
 
-    manifest = run_manifest(storage, config.run)
+    manifest = storage.finished_run(config.run)
     widths = manifest["model"]["widths"]
     pairs = parse_pairs(config.pairs, manifest["model"]["layers"])
     device = resolve_device(config.device)

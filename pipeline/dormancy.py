@@ -25,7 +25,7 @@ import polars as pl
 from pipeline import tables
 from pipeline.config import add_arguments, from_args, opt
 from pipeline.errors import UserError
-from pipeline.storage import DEFAULT_ROOT, Storage, atomic_path, read_json, slug
+from pipeline.storage import DEFAULT_ROOT, Storage, atomic_path, slug
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def dormant_neurons(storage: Storage, run: str, *, definition: str = "tau",
     """Per-neuron score and dormant flag (sql/dormancy_neurons.sql)."""
     from pipeline.warehouse import connect, load_sql
 
-    _manifest(storage, run)
+    storage.finished_run(run)
     con = connect(storage)
     try:
         return con.sql(load_sql("dormancy_neurons"), params={
@@ -94,21 +94,9 @@ def layer_dormancy(neurons: pl.DataFrame) -> pl.DataFrame:
         con.close()
 
 
-def _manifest(storage: Storage, run: str) -> dict:
-    path = storage.run_manifest(run)
-    if not path.exists():
-        known = ", ".join(storage.list_runs()) or "none"
-        raise UserError(f"run {run!r} does not exist in {storage.root} (runs: {known}): "
-                        "extract it first")
-    manifest = read_json(path)
-    if manifest.get("status") != "finished" or "layers" not in manifest.get("model", {}):
-        raise UserError(f"run {run!r} is not a finished extraction: finish it with its extract command")
-    return manifest
-
-
 def dormancy(config: DormancyConfig, storage: Storage) -> tuple[pl.DataFrame, Path]:
     """Per-layer dormancy of a run: warehouse table `dormancy`, the CSV log; returns (rows, log)."""
-    manifest = _manifest(storage, config.run)
+    manifest = storage.finished_run(config.run)
     model = manifest["model"]["name"]
     revision = config.revision or manifest["model"].get("revision")
     step = config.step if config.step is not None else parse_step(revision)

@@ -36,10 +36,9 @@ def _active_rows(group, layers, widths, start, stop) -> np.ndarray:
 
 def export_run(storage: Storage, run: str, out_dir: Path, prefix: str, *,
                edges: bool = True) -> list[Path]:
-    from pipeline.coactivation import run_manifest
     from pipeline.frequencies import neuron_frequency
 
-    manifest = run_manifest(storage, run)
+    manifest = storage.finished_run(run)
     layers, widths = manifest["model"]["layers"], manifest["model"]["widths"]
     neurons = tables.read_partition(storage, "neurons", run)
     ids = neurons["neuron_id"].to_numpy()

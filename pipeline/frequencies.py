@@ -20,12 +20,6 @@ from pipeline.storage import DEFAULT_ROOT, Storage
 log = logging.getLogger(__name__)
 
 
-def _finished_run(storage: Storage, run: str) -> dict:
-    from pipeline.coactivation import run_manifest
-
-    return run_manifest(storage, run)
-
-
 def _query(storage: Storage, name: str, **params) -> pl.DataFrame:
     import duckdb
 
@@ -45,13 +39,13 @@ def _query(storage: Storage, name: str, **params) -> pl.DataFrame:
 
 def neuron_frequency(storage: Storage, run: str) -> pl.DataFrame:
     """Columns id, layer, dimension, count, frequency (the reference neuron_frequency.csv)."""
-    _finished_run(storage, run)
+    storage.finished_run(run)
     return _query(storage, "neuron_frequency", run_id=run)
 
 
 def neuron_summary(storage: Storage, run: str) -> pl.DataFrame:
     """Mean, variance, skew, kurtosis (E[z^4]), sparsity per neuron from the moment sums."""
-    _finished_run(storage, run)
+    storage.finished_run(run)
     return _query(storage, "neuron_summary", run_id=run)
 
 
@@ -68,7 +62,7 @@ def _check_neuron(manifest: dict, run: str, layer: int, neuron: int | None) -> N
 def top_tokens(storage: Storage, run: str, layer: int, neuron: int, *, k: int = 20,
                context: int = 8) -> pl.DataFrame:
     """The k rows where a neuron fires most, with their token and left context."""
-    _check_neuron(_finished_run(storage, run), run, layer, neuron)
+    _check_neuron(storage.finished_run(run), run, layer, neuron)
     if k < 1 or context < 0:
         raise UserError("--k must be at least 1 and --context at least 0")
     return _query(storage, "top_tokens", run_id=run, layer=layer, neuron=neuron, k=k,
@@ -78,7 +72,7 @@ def top_tokens(storage: Storage, run: str, layer: int, neuron: int, *, k: int = 
 def layer_histogram(storage: Storage, run: str, layer: int, *, bins: int = 50,
                     block_rows: int = 8192) -> pl.DataFrame:
     """Counts of a layer's activations in equal bins over [min, max], streamed over row blocks."""
-    manifest = _finished_run(storage, run)
+    manifest = storage.finished_run(run)
     _check_neuron(manifest, run, layer, None)
     if bins < 1:
         raise UserError("--bins must be at least 1")

@@ -73,9 +73,9 @@ class RunGraph:
 
 
 def load_run_graph(storage: Storage, run: str) -> RunGraph:
-    from pipeline.coactivation import _active_counts, max_count, run_manifest
+    from pipeline.coactivation import _active_counts, max_count
 
-    manifest = run_manifest(storage, run)
+    manifest = storage.finished_run(run)
     group = arrays.open_group(storage.arrays(run), mode="r")
     if "coact" not in group:
         raise UserError(f"run {run!r} has no co-activation counts: run `nwh coactivation --run {run}`")

@@ -186,9 +186,7 @@ def run_figures(storage: Storage, run: str, *, rows: Sequence[int] = (0,), mode:
                 figure_rows: int = 1, name: str | None = None) -> list[Path]:
     """Sample activation maps of the given token rows and the node activation-count histogram."""
     from pipeline import arrays, tables
-    from pipeline.coactivation import run_manifest
-
-    manifest = run_manifest(storage, run)
+    manifest = storage.finished_run(run)
     out_dir = storage.reports(name or run)
     group = arrays.open_group(storage.arrays(run), mode="r")
     layers = manifest["model"]["layers"]

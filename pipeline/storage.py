@@ -84,6 +84,19 @@ class Storage:
     def catalog(self) -> Path:
         return self.root / "warehouse.duckdb"
 
+    def finished_run(self, run_id: str) -> dict:
+        """Manifest of a finished extraction run, or a UserError that says what to do."""
+        path = self.run_manifest(run_id)
+        if not path.exists():
+            known = ", ".join(self.list_runs()) or "none"
+            raise UserError(f"run {run_id!r} does not exist in {self.root} (runs: {known}): "
+                            "extract it first")
+        manifest = read_json(path)
+        if manifest.get("status") != "finished" or "layers" not in manifest.get("model", {}):
+            raise UserError(f"run {run_id!r} is not a finished extraction: finish it with its "
+                            "extract command")
+        return manifest
+
     def list_runs(self) -> list[str]:
         d = self.root / "runs"
         return sorted(p.name for p in d.iterdir() if (p / "run.json").exists()) if d.exists() else []
