@@ -7,7 +7,8 @@ The base graph (every neuron of layer l to every neuron of layer l+1) stays impl
 nodes are the `neurons` table, its edge weights are computed pair by pair from the Zarr counts.
 Thresholding keeps the edges with weight > threshold (as the reference does), writes them to
 the `edges` table, and builds an igraph Graph from NumPy arrays (Graph(n) + add_edges, the lean
-path). The threshold analysis is one pass over the edges sorted by weight with a union-find.
+path). The threshold analysis is one streaming pass over the edges with one union-find per
+threshold, so its memory is O(nodes x thresholds) whatever the number of edges.
 
 Weights of an edge (i in layer a, j in layer b), with C the count, n the active counts, T rows:
     normalized = C / max C over the run (the reference), jaccard = C / (n_i + n_j - C),
@@ -154,78 +155,87 @@ def build_graph(n_nodes: int, edges: np.ndarray):
     return graph
 
 
-# -- threshold analysis: one pass with a union-find
+# -- threshold analysis: one streaming pass, one union-find per threshold
 
 
 def _union_find_kernel():
     from numba import njit
 
-    @njit(cache=True)
-    def run(n, src, dst, order, weights, thresholds_desc):
-        parent = np.arange(n)
-        size = np.ones(n, np.int64)
-        has_edge = np.zeros(n, np.bool_)
-        out = np.zeros((len(thresholds_desc), 7))
-        k = 0
-        components = n
-        nodes_with_edge = 0
-        for t_index in range(len(thresholds_desc)):
-            t = thresholds_desc[t_index]
-            while k < len(order) and weights[order[k]] > t:
-                e = order[k]
-                for v in (src[e], dst[e]):
-                    if not has_edge[v]:
-                        has_edge[v] = True
-                        nodes_with_edge += 1
-                ra = src[e]
-                while parent[ra] != ra:
-                    parent[ra] = parent[parent[ra]]
-                    ra = parent[ra]
-                rb = dst[e]
-                while parent[rb] != rb:
-                    parent[rb] = parent[parent[rb]]
-                    rb = parent[rb]
-                if ra != rb:
-                    if size[ra] < size[rb]:
-                        ra, rb = rb, ra
-                    parent[rb] = ra
-                    size[ra] += size[rb]
-                    components -= 1
-                k += 1
-            lo, hi, nontrivial = n, 0, 0
-            for v in range(n):
-                if parent[v] == v:
-                    lo = min(lo, size[v])
-                    hi = max(hi, size[v])
-                    if size[v] > 1:
-                        nontrivial += 1
-            out[t_index, 0] = nodes_with_edge
-            out[t_index, 1] = k
-            out[t_index, 2] = components
-            out[t_index, 3] = lo
-            out[t_index, 4] = hi
-            out[t_index, 5] = n / components
-            out[t_index, 6] = nontrivial
-        return out
+    @njit(cache=True, nogil=True)
+    def add(parent, size, has_edge, stats, src, dst, weights, thresholds):
+        """Union every edge into the union-find of each threshold it exceeds.
 
-    return run
+        parent, size, has_edge: [k, n]; stats[k] = (edges, components merged, nodes with edge).
+        """
+        for e in range(len(src)):
+            w = weights[e]
+            for t in range(len(thresholds)):
+                if not w > thresholds[t]:
+                    continue
+                stats[t, 0] += 1
+                u, v = src[e], dst[e]
+                for x in (u, v):
+                    if not has_edge[t, x]:
+                        has_edge[t, x] = True
+                        stats[t, 2] += 1
+                while parent[t, u] != u:
+                    parent[t, u] = parent[t, parent[t, u]]
+                    u = parent[t, u]
+                while parent[t, v] != v:
+                    parent[t, v] = parent[t, parent[t, v]]
+                    v = parent[t, v]
+                if u != v:
+                    if size[t, u] < size[t, v]:
+                        u, v = v, u
+                    parent[t, v] = u
+                    size[t, u] += size[t, v]
+                    stats[t, 1] += 1
+
+    return add
+
+
+class ThresholdAnalysis:
+    """Graph statistics at many thresholds from one streaming pass over the edges.
+
+    For each threshold t (edges with weight > t): nodes with an edge, edges, connected
+    components (isolated nodes count as components of size 1, as in the reference's graph of
+    all nodes), min / max / mean component size, components with more than one node. Memory is
+    one union-find per threshold (O(n) each); edges can arrive in any order, pair by pair.
+    """
+
+    def __init__(self, n_nodes: int, thresholds: list[float]):
+        self.n = n_nodes
+        self.thresholds = np.array(sorted(set(thresholds)), np.float64)
+        k = len(self.thresholds)
+        self.parent = np.tile(np.arange(n_nodes, dtype=np.int64), (k, 1))
+        self.size = np.ones((k, n_nodes), np.int64)
+        self.has_edge = np.zeros((k, n_nodes), np.bool_)
+        self.stats = np.zeros((k, 3), np.int64)
+
+    def add(self, src: np.ndarray, dst: np.ndarray, weights: np.ndarray) -> None:
+        _union_find_kernel()(self.parent, self.size, self.has_edge, self.stats,
+                             src.astype(np.int64), dst.astype(np.int64),
+                             weights.astype(np.float64), self.thresholds)
+
+    def result(self) -> pl.DataFrame:
+        rows = []
+        for t in range(len(self.thresholds)):
+            roots = self.parent[t] == np.arange(self.n)
+            sizes = self.size[t][roots]
+            rows.append({"threshold": float(self.thresholds[t]),
+                         "nodes_with_edge": int(self.stats[t, 2]), "edges": int(self.stats[t, 0]),
+                         "components": int(len(sizes)), "min_component": int(sizes.min()),
+                         "max_component": int(sizes.max()), "mean_component": self.n / len(sizes),
+                         "nontrivial_components": int((sizes > 1).sum())})
+        return pl.DataFrame(rows)
 
 
 def threshold_analysis(n_nodes: int, edges: np.ndarray, weights: np.ndarray,
                        thresholds: list[float]) -> pl.DataFrame:
-    """Per threshold t (edges with weight > t): nodes with an edge, edges, connected components
-    (isolated nodes count as components of size 1, as in the reference's graph of all nodes),
-    min / max / mean component size, and components with more than one node."""
-    order = np.argsort(-weights, kind="stable")
-    ts = sorted(set(thresholds), reverse=True)
-    out = _union_find_kernel()(n_nodes, edges[:, 0].copy(), edges[:, 1].copy(), order,
-                               weights.astype(np.float64), np.array(ts, np.float64))
-    frame = pl.DataFrame({
-        "threshold": ts, "nodes_with_edge": out[:, 0].astype(np.int64),
-        "edges": out[:, 1].astype(np.int64), "components": out[:, 2].astype(np.int64),
-        "min_component": out[:, 3].astype(np.int64), "max_component": out[:, 4].astype(np.int64),
-        "mean_component": out[:, 5], "nontrivial_components": out[:, 6].astype(np.int64)})
-    return frame.sort("threshold")
+    """ThresholdAnalysis over edges already in memory."""
+    analysis = ThresholdAnalysis(n_nodes, thresholds)
+    analysis.add(edges[:, 0], edges[:, 1], weights)
+    return analysis.result()
 
 
 # -- stage
@@ -251,37 +261,50 @@ def graph_stage(config: GraphConfig, storage: Storage) -> dict:
 
     g = load_run_graph(storage, config.run)
     t0 = time.perf_counter()
-    all_edges, all_counts, all_weights = thresholded_edges(g, storage, config.weight,
-                                                           min(config.thresholds + [config.threshold]))
-    analysis = threshold_analysis(g.n_nodes, all_edges, all_weights, config.thresholds)
+    analysis = ThresholdAnalysis(g.n_nodes, config.thresholds)
+    ids, layers = g.node_ids, g.node_layers
+    kept = []
+    tables.drop_partition_parts(storage, "edges", config.run,
+                                f"{config.weight}-{config.threshold:g}-")
+    # one pass over the pairs: every edge above the lowest threshold feeds the analysis; those
+    # above --threshold are written, pair by pair, and kept for the graph
+    for (a, b), i, j, c, w in iter_thresholded(g, storage, config.weight,
+                                               min(config.thresholds + [config.threshold])):
+        analysis.add(i, j, w)
+        keep = w > config.threshold
+        if keep.any():
+            tables.write_part(storage, "edges", config.run, {
+                "source": ids[i[keep]], "target": ids[j[keep]],
+                "layer_a": layers[i[keep]], "layer_b": layers[j[keep]],
+                "count": c[keep], "weight": w[keep],
+                "weight_kind": np.full(int(keep.sum()), config.weight, object),
+                "threshold": np.full(int(keep.sum()), config.threshold),
+            }, part=f"{config.weight}-{config.threshold:g}-L{a}_L{b}")
+            kept.append((i[keep], j[keep], w[keep]))
+    result = analysis.result()
     tables.write_part(storage, "threshold_analysis", config.run,
-                      analysis.with_columns(pl.lit(config.weight).alias("weight"))
+                      result.with_columns(pl.lit(config.weight).alias("weight"))
                       .select(tables.schema("threshold_analysis").names).to_arrow(),
                       part=f"{config.weight}")
-    keep = all_weights > config.threshold
-    edges, counts, weights = all_edges[keep], all_counts[keep], all_weights[keep]
-    if not len(edges):
+    out_dir = storage.reports(config.run)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result.write_csv(out_dir / f"threshold_analysis_{config.weight}.csv")  # the reference file
+    if not kept:
         raise no_edges_error(g, storage, config.weight, config.threshold)
-    ids, layers = g.node_ids, g.node_layers
-    tables.write_part(storage, "edges", config.run, {
-        "source": ids[edges[:, 0]], "target": ids[edges[:, 1]],
-        "layer_a": layers[edges[:, 0]], "layer_b": layers[edges[:, 1]],
-        "count": counts, "weight": weights,
-        "weight_kind": np.full(len(edges), config.weight, object),
-        "threshold": np.full(len(edges), config.threshold),
-    }, part=f"{config.weight}-{config.threshold:g}")
+    edges = np.stack([np.concatenate([k[0] for k in kept]),
+                      np.concatenate([k[1] for k in kept])], axis=1)
+    weights = np.concatenate([k[2] for k in kept])
     graph = build_graph(g.n_nodes, edges)
     seconds = time.perf_counter() - t0
-    out_dir = storage.reports(config.run)
     degrees = np.asarray(graph.degree())
     plot_histogram(weights, out_dir / f"edge_weights_{config.weight}.png",
                    title=f"Edge weights ({config.weight} > {config.threshold:g})", xlabel="weight")
     plot_histogram(degrees, out_dir / f"degrees_{config.weight}_{config.threshold:g}.png",
                    title=f"Node degrees ({config.weight} > {config.threshold:g})", xlabel="degree")
-    plot_threshold_analysis(analysis, out_dir / f"threshold_analysis_{config.weight}.png",
+    plot_threshold_analysis(result, out_dir / f"threshold_analysis_{config.weight}.png",
                             config.weight)
     return {"nodes": g.n_nodes, "edges": len(edges), "components": len(graph.connected_components()),
-            "seconds": seconds, "analysis": analysis}
+            "seconds": seconds, "analysis": result}
 
 
 def plot_threshold_analysis(analysis: pl.DataFrame, path, weight: str):

@@ -86,6 +86,12 @@ def drop_partition(storage: Storage, table: str, run_id: str) -> None:
     shutil.rmtree(storage.table_partition(table, run_id), ignore_errors=True)
 
 
+def drop_partition_parts(storage: Storage, table: str, run_id: str, prefix: str) -> None:
+    """Remove the parts of a run's partition whose name starts with `prefix` (before a rewrite)."""
+    for part in storage.table_partition(table, run_id).glob(f"{prefix}*.parquet"):
+        part.unlink()
+
+
 def read_partition(storage: Storage, table: str, run_id: str) -> pa.Table:
     """All parts of a run's partition, in part-name order, with the declared schema."""
     parts = sorted(storage.table_partition(table, run_id).glob("*.parquet"))

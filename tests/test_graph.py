@@ -131,3 +131,17 @@ def test_bad_config(kw, needle):
 def test_no_edge_above_threshold_names_a_threshold(counted):
     with pytest.raises(UserError, match="largest normalized weight is 1"):
         select_subsets(counted, "g", thresholds=[1.0], ratios=[0.1], methods=["degree"])
+
+
+def test_streaming_analysis_is_order_free():
+    from pipeline.graph import ThresholdAnalysis
+
+    rng = np.random.default_rng(7)
+    edges = rng.integers(0, 50, size=(300, 2))
+    weights = rng.random(300)
+    whole = threshold_analysis(50, edges, weights, [0.2, 0.5, 0.8])
+    streamed = ThresholdAnalysis(50, [0.8, 0.2, 0.5])
+    order = rng.permutation(300)
+    for chunk in np.array_split(order, 7):
+        streamed.add(edges[chunk, 0], edges[chunk, 1], weights[chunk])
+    assert streamed.result().equals(whole)
