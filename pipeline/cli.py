@@ -23,6 +23,7 @@ STAGE_MODULES = [
     "pipeline.graph",
     "pipeline.subsets",
     "pipeline.ablation",
+    "pipeline.neuron_properties",
     "pipeline.dormancy",
     "pipeline.frequencies",
     "pipeline.analysis",

@@ -48,3 +48,6 @@ select * from read_parquet('tables/ablation_generations/*/*.parquet', hive_parti
 
 create or replace view ablation_effects as
 select * from read_parquet('tables/ablation_effects/*/*.parquet', hive_partitioning = true);
+
+create or replace view neuron_properties as
+select * from read_parquet('tables/neuron_properties/*/*.parquet', hive_partitioning = true);
