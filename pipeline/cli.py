@@ -24,6 +24,7 @@ STAGE_MODULES = [
     "pipeline.subsets",
     "pipeline.ablation",
     "pipeline.neuron_properties",
+    "pipeline.gradients",
     "pipeline.dormancy",
     "pipeline.frequencies",
     "pipeline.analysis",

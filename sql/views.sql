@@ -51,3 +51,6 @@ select * from read_parquet('tables/ablation_effects/*/*.parquet', hive_partition
 
 create or replace view neuron_properties as
 select * from read_parquet('tables/neuron_properties/*/*.parquet', hive_partitioning = true);
+
+create or replace view neuron_gradients as
+select * from read_parquet('tables/neuron_gradients/*/*.parquet', hive_partitioning = true);
