@@ -25,6 +25,7 @@ STAGE_MODULES = [
     "pipeline.ablation",
     "pipeline.neuron_properties",
     "pipeline.gradients",
+    "pipeline.universal",
     "pipeline.dormancy",
     "pipeline.frequencies",
     "pipeline.analysis",

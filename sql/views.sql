@@ -54,3 +54,9 @@ select * from read_parquet('tables/neuron_properties/*/*.parquet', hive_partitio
 
 create or replace view neuron_gradients as
 select * from read_parquet('tables/neuron_gradients/*/*.parquet', hive_partitioning = true);
+
+create or replace view correlation_summary as
+select * from read_parquet('tables/correlation_summary/*/*.parquet', hive_partitioning = true);
+
+create or replace view universal_neurons as
+select * from read_parquet('tables/universal_neurons/*/*.parquet', hive_partitioning = true);
