@@ -38,10 +38,11 @@ RATIO ?= 0.01
 WEIGHT ?= normalized
 SUBSETS ?=
 CONTROLS ?= 5
+MODELS ?= zoo-s0 zoo-s1 zoo-s2
 
 .PHONY: help setup zoo extract extract-prompts trace sql coactivation dormancy dormancy-sweep \
 	frequencies analyze plots export graph subset subset-grid ablate demo test lint bench \
-	bench-coactivation bench-graph clean
+	bench-coactivation bench-graph bench-correlation neuron-stats universal gradients report clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -109,7 +110,28 @@ ablate: $(STAMP) ## ablate subsets in generation and on held-out text vs control
 	$(NWH) ablate --storage $(STORAGE) --run $(RUN) --subsets $(SUBSETS) --prompts $(PROMPTS) \
 		--controls $(CONTROLS) $(ARGS)
 
-demo: zoo ## the main job on the zoo: extraction, SQL, dormancy sweep, co-activation, analysis, figures
+neuron-stats: $(STAMP) ## weight, vocabulary and activation properties per neuron: RUN=...
+	$(NWH) neuron-stats --storage $(STORAGE) --run $(RUN) $(ARGS)
+
+universal: zoo ## neurons correlated across seeds: MODELS="zoo-s0 zoo-s1 zoo-s2"
+	$(NWH) universal --storage $(STORAGE) --models $(MODELS) $(ARGS)
+
+gradients: zoo ## loss-gradient importance of neurons (or SAE features, ARGS="--sae DIR"): MODEL=zoo-s0 LAYERS=
+	$(NWH) gradients --storage $(STORAGE) --model $(MODEL) $(layers_arg) $(ARGS)
+
+report: $(STAMP) ## static HTML page of the demo's figures: storage/reports/demo/index.html
+	$(NWH) report --storage $(STORAGE) --name demo --folders demo demo-corpus demo-prompts \
+		universal_zoo-s0_zoo-s1_zoo-s2 gradients_neurons_zoo-s0_all \
+		--table runs "select * from runs" \
+		--table dormancy "select * from dormancy order by run_id, layer_index" \
+		--table threshold_analysis "select * from threshold_analysis" \
+		--table subsets "select * from subsets order by subset, rank" \
+		--table ablation_effects "select * from ablation_effects order by subset, kind, control_index" \
+		--table universal_neurons "select * from universal_neurons order by excess desc" \
+		--table neuron_properties "select * from neuron_properties order by neuron_id" \
+		--table neuron_gradients "select * from neuron_gradients order by grad_mean_abs desc"
+
+demo: zoo ## the whole chain on the zoo, ending in storage/reports/demo/index.html
 	$(NWH) extract --storage $(STORAGE) --model zoo-s0 --corpus stdlib --num-samples 256 \
 		--store-acts --run demo-corpus --quiet
 	$(NWH) extract --storage $(STORAGE) --model zoo-s0 --prompts examples/prompts.csv \
@@ -147,6 +169,11 @@ demo: zoo ## the main job on the zoo: extraction, SQL, dormancy sweep, co-activa
 		--subsets degree_t0.5_r0.0025 degree_t0.5_r0.005 degree_t0.5_r0.01 pagerank_t0.5_r0.005 \
 		pagerank_t0.5_r0.01 coreness_t0.5_r0.01 --controls 5 --quiet
 	$(NWH) sql --storage $(STORAGE) "select subset, prompt, sample_index, replace(generated_text, chr(10), ' ') as text from ablation_generations where run_id = 'demo-corpus' and sample_index = 0 and prompt = 0 order by subset"
+	@echo "== neuron properties, universal neurons across the three seeds, loss gradients"
+	$(NWH) neuron-stats --storage $(STORAGE) --run demo-corpus > /dev/null
+	$(NWH) universal --storage $(STORAGE) --models zoo-s0 zoo-s1 zoo-s2 --num-samples 64 --quiet
+	$(NWH) gradients --storage $(STORAGE) --model zoo-s0 --num-samples 64 --aggregation-mode both --quiet
+	$(MAKE) --no-print-directory report STORAGE=$(STORAGE)
 
 test: $(STAMP) ## run the test suite
 	$(VENV)/bin/python -m pytest -n 2 tests
@@ -159,6 +186,9 @@ bench: $(STAMP) ## extraction throughput and memory benchmark (figures printed; 
 
 bench-coactivation: $(STAMP) ## co-activation engines benchmark (popcount, matmul, per-edge loop, SQL)
 	$(VENV)/bin/python benchmarks/coactivation.py
+
+bench-correlation: $(STAMP) ## correlation accumulation of two gpt2-small-shaped streams vs matmul
+	$(VENV)/bin/python benchmarks/correlation.py
 
 bench-graph: $(STAMP) ## the graph chain at gpt2-xl scale (48 x 6400 neurons, 16k tokens; ~5 min)
 	$(VENV)/bin/python benchmarks/gpt2xl_graph.py

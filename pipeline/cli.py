@@ -26,6 +26,7 @@ STAGE_MODULES = [
     "pipeline.neuron_properties",
     "pipeline.gradients",
     "pipeline.universal",
+    "pipeline.report",
     "pipeline.dormancy",
     "pipeline.frequencies",
     "pipeline.analysis",

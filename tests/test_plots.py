@@ -76,3 +76,20 @@ def test_run_figures(tmp_path, micro_model_dir, corpus_file):
         check_png(p)
     with pytest.raises(UserError, match="out of range"):
         run_figures(storage, "p", rows=[99])
+
+
+def test_report_page_links_every_figure(tmp_path, micro_model_dir, corpus_file):
+    import re
+
+    from pipeline.report import caption, write_report
+
+    storage = Storage(tmp_path)
+    extract(ExtractConfig(model=str(micro_model_dir), corpus=str(corpus_file), num_samples=3,
+                          max_length=8, run="r"), storage, progress=False)
+    run_figures(storage, "r", rows=[1])
+    page = write_report(storage, "rep", ["r"], {"runs": "select * from runs"})
+    text = page.read_text()
+    images = re.findall(r'src="([^"]+)"', text)
+    assert len(images) == 2 and all((page.parent / i).exists() for i in images)
+    assert (page.parent / "tables" / "runs.csv").exists() and "runs</a> (1 rows)" in text
+    assert caption("sample_1_default") == "Neuron activations of every layer at token row 1 (default mode)."
