@@ -171,7 +171,7 @@ demo: zoo ## the whole chain on the zoo, ending in storage/reports/demo/index.ht
 	$(NWH) sql --storage $(STORAGE) "select subset, prompt, sample_index, replace(generated_text, chr(10), ' ') as text from ablation_generations where run_id = 'demo-corpus' and sample_index = 0 and prompt = 0 order by subset"
 	@echo "== neuron properties, universal neurons across the three seeds, loss gradients"
 	$(NWH) neuron-stats --storage $(STORAGE) --run demo-corpus > /dev/null
-	$(NWH) universal --storage $(STORAGE) --models zoo-s0 zoo-s1 zoo-s2 --num-samples 64 --quiet
+	$(NWH) universal --storage $(STORAGE) --models zoo-s0 zoo-s1 zoo-s2 --num-samples 32 --quiet
 	$(NWH) gradients --storage $(STORAGE) --model zoo-s0 --num-samples 64 --aggregation-mode both --quiet
 	$(MAKE) --no-print-directory report STORAGE=$(STORAGE)
 

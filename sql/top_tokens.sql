@@ -1,16 +1,21 @@
 -- Top-k token rows of one neuron by activation, with the text before each token.
--- $run_id, $layer, $neuron, $k (rows), $context (tokens of left context).
+-- $run_id, $layer, $neuron, $k (rows), $context (tokens of left context, same sample).
+-- Order: value descending, then row ascending. value: activation units (float16 stored).
 with v as (
     select row, value from neuron_values($run_id, 'acts', $layer, $neuron)
 ),
 top as (
-    select row, value from v order by value desc, row limit $k
+    select
+        row, value,
+        row_number() over (order by value desc, row) as rank
+    from v
+    qualify rank <= $k
 ),
 t as (
     select row, sample, position, token from tokens where run_id = $run_id
 ),
 hits as (
-    select top.row, top.value, t.sample, t.position, t.token
+    select top.rank, top.row, top.value, t.sample, t.position, t.token
     from top join t using (row)
 ),
 ctx as (
@@ -22,9 +27,8 @@ ctx as (
 ),
 final as (
     select
-        dense_rank() over (order by h.value desc, h.row) as rank,
-        h.row, h.sample, h.position, h.token, coalesce(ctx.context, '') as context,
-        h.value
+        $layer::integer as layer, $neuron::integer as neuron, h.rank, h.row, h.sample,
+        h.position, h.token, coalesce(ctx.context, '') as context, h.value
     from hits h
     left join ctx using (row)
 )

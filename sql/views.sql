@@ -60,3 +60,9 @@ select * from read_parquet('tables/correlation_summary/*/*.parquet', hive_partit
 
 create or replace view universal_neurons as
 select * from read_parquet('tables/universal_neurons/*/*.parquet', hive_partitioning = true);
+
+create or replace view universal_properties as
+select * from read_parquet('tables/universal_properties/*/*.parquet', hive_partitioning = true);
+
+create or replace view ablation_summary as
+select * from read_parquet('tables/ablation_summary/*/*.parquet', hive_partitioning = true);
