@@ -32,6 +32,9 @@ from pipeline.storage import DEFAULT_ROOT, Storage, slug
 log = logging.getLogger(__name__)
 
 BASELINES = ("rotation", "gaussian", "permutation")
+PROPERTY_COLUMNS = ("w_in_norm", "w_out_norm", "input_bias", "in_out_sim", "l2_penalty",
+                    "vocab_mean", "vocab_var", "vocab_skew", "vocab_kurt", "act_mean", "act_var",
+                    "sparsity")
 CHUNK = 4096
 
 
@@ -223,8 +226,14 @@ def universal(config: UniversalConfig, storage: Storage, *, progress: bool = Tru
     tables.write_part(storage, "universal_neurons", name,
                       per_neuron.select(tables.schema("universal_neurons").names).to_arrow())
     properties = _compare_properties(ref["loaded"], moments, per_neuron)
+    comparison = properties.group_by("universal").agg(
+        pl.len().cast(pl.Int64).alias("neurons"),
+        *[pl.col(c).mean().alias(c) for c in PROPERTY_COLUMNS]).sort("universal")
+    tables.write_part(storage, "universal_properties", name,
+                      comparison.select(tables.schema("universal_properties").names).to_arrow())
     _plots(summary, per_neuron, properties, storage.reports(name))
-    return {"summary": summary, "neurons": per_neuron, "properties": properties}
+    return {"summary": summary, "neurons": per_neuron, "properties": properties,
+            "comparison": comparison}
 
 
 def _compare_properties(loaded, moments, per_neuron: pl.DataFrame) -> pl.DataFrame:
@@ -306,6 +315,5 @@ def _cli(args) -> int:
          f"(excess > {config.threshold} in >= {config.min_models} models)")
     with pl.Config(tbl_rows=15, tbl_cols=-1, tbl_width_chars=160):
         echo(n.sort("excess", descending=True).head(15))
-        echo(out["properties"].group_by("universal").agg(
-            pl.len().alias("neurons"), pl.exclude("neuron_id", "layer", "neuron").mean()))
+        echo(out["comparison"])
     return 0

@@ -1,21 +1,16 @@
 -- Top-k token rows of one neuron by activation, with the text before each token.
--- $run_id, $layer, $neuron, $k (rows), $context (tokens of left context, same sample).
--- Order: value descending, then row ascending. value: activation units (float16 stored).
+-- $run_id, $layer, $neuron, $k (rows), $context (tokens of left context).
 with v as (
     select row, value from neuron_values($run_id, 'acts', $layer, $neuron)
 ),
 top as (
-    select
-        row, value,
-        row_number() over (order by value desc, row) as rank
-    from v
-    qualify rank <= $k
+    select row, value from v order by value desc, row limit $k
 ),
 t as (
     select row, sample, position, token from tokens where run_id = $run_id
 ),
 hits as (
-    select top.rank, top.row, top.value, t.sample, t.position, t.token
+    select top.row, top.value, t.sample, t.position, t.token
     from top join t using (row)
 ),
 ctx as (
@@ -27,8 +22,9 @@ ctx as (
 ),
 final as (
     select
-        $layer::integer as layer, $neuron::integer as neuron, h.rank, h.row, h.sample,
-        h.position, h.token, coalesce(ctx.context, '') as context, h.value
+        dense_rank() over (order by h.value desc, h.row) as rank,
+        h.row, h.sample, h.position, h.token, coalesce(ctx.context, '') as context,
+        h.value
     from hits h
     left join ctx using (row)
 )

@@ -63,6 +63,3 @@ select * from read_parquet('tables/universal_neurons/*/*.parquet', hive_partitio
 
 create or replace view universal_properties as
 select * from read_parquet('tables/universal_properties/*/*.parquet', hive_partitioning = true);
-
-create or replace view ablation_summary as
-select * from read_parquet('tables/ablation_summary/*/*.parquet', hive_partitioning = true);

@@ -89,3 +89,14 @@ def test_bad_config():
         UniversalConfig(models=["zoo-s0"])
     with pytest.raises(UserError):
         UniversalConfig(models=["a", "b"], min_models=2)
+
+
+def test_property_comparison_table(planted):
+    out, root = planted
+    from pipeline import tables
+
+    table = tables.read_partition(Storage(root / "s"), "universal_properties", "u").to_pydict()
+    assert table["universal"] == [False, True] and sum(table["neurons"]) == 120
+    props = out["properties"]
+    expect = props.filter(props["universal"])["w_in_norm"].mean()
+    assert table["w_in_norm"][1] == pytest.approx(expect)
