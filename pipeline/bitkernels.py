@@ -4,18 +4,32 @@ Imported lazily (numba takes a moment to load). The kernels are module-level fun
 `cache=True`, so they are compiled once and later processes load the cached machine code from
 __pycache__ (kernels built inside a closure miss that cache and recompile in every process).
 
-    packed   uint8  [t, ceil(w/8)]    token-major, bit n%8 (little-endian) of byte n//8 = neuron n
-    bitsets  uint64 [w, ceil(t/64)]   neuron-major, bit r%64 of word r//64 = token row r
+    packed   uint8  [t, ceil(w/8)]          token-major, bit n%8 (little-endian) of byte n//8 = neuron n
+    rows     uint64 [ceil(w/8), 8, W]       neuron-major bitsets, W = ceil(t/64) words over token rows:
+                                            bit r%64 of word r//64 = token row r (reshape to [8 nb, W])
+    lanes    uint64 [ceil(w/8), W, 8]       the same words with the 8 neurons of a byte column
+                                            interleaved, so that word w of 8 neurons is one vector
+
+The counting kernel ANDs one row bitset (broadcast) with 8 lane-interleaved bitsets at a time and
+sums the popcounts with a Harley-Seal carry-save adder tree (Mula, Kurz & Lemire 2018): per 16
+words, 15 carry-save adders (two bitwise ops each; one `vpternlogq` each on AVX-512) and one
+vector popcount instead of 16. LLVM maps the vector code to the host: AVX-512 (zmm, ternlog),
+AVX2 (2 x ymm) or NEON. On a 2-core Cascade Lake this counts 3072 x 3072 neurons over 8192 tokens
+in ~0.12 s, against ~0.23 s for scalar `popcnt` in 4 x 4 register tiles (benchmarks/coactivation.py).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
-TILE_I = 64  # rows of a per parallel task (64 KiB of bitsets at 8,192 tokens)
-TILE_J = 128  # rows of b per block: 128 KiB at 8,192 tokens, stays in L2 across the task's rows
+LANES = 8  # neurons of b per vector: one packed byte column, one 512-bit vector of uint64
+ROWS = 3  # rows of a per tile: 3 x 5 accumulators + 16 words of b fit the 32 vector registers
+TILE_I = 96  # rows of a per parallel task (a multiple of ROWS)
+TILE_J = 16  # lane groups of b per block: 128 neurons, 128 KiB at 8,192 tokens, stays in L2
 
 
 @intrinsic
@@ -41,20 +55,21 @@ def _transpose8x8(x):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def to_bitsets(packed, width, out):
-    """Token-major packed bytes [t, nb] -> neuron-major bitsets out [width, ceil(t/64)].
+def to_bitsets(packed, out, interleave):
+    """Token-major packed bytes [t, nb] -> neuron-major bitsets: out [nb, 8, W] (`rows`) or,
+    with interleave, out [nb, W, 8] (`lanes`); W = ceil(t/64), rows past t stay 0.
 
     Per 64-row word and byte column: 8 groups of 8 rows are gathered into a uint64 (byte r =
     row r) and bit-transposed (byte k = the 8 rows of neuron k); byte g of neuron k's word is
     then byte k of group g.
     """
     t, nb = packed.shape
-    for w in prange(out.shape[1]):
+    n_words = out.shape[2] if not interleave else out.shape[1]
+    for w in prange(n_words):
         r0 = w * 64
         n = min(64, t - r0)
         words = np.zeros(8, np.uint64)
         for b in range(nb):
-            kmax = min(8, width - b * 8)
             words[:] = 0
             for g in range(8):
                 x = np.uint64(0)
@@ -62,51 +77,127 @@ def to_bitsets(packed, width, out):
                     x |= np.uint64(packed[r0 + g * 8 + r, b]) << np.uint64(8 * r)
                 if x:
                     y = _transpose8x8(x)
-                    for k in range(kmax):
+                    for k in range(8):
                         words[k] |= ((y >> np.uint64(8 * k)) & np.uint64(0xFF)) << np.uint64(8 * g)
-            for k in range(kmax):
-                out[b * 8 + k, w] = words[k]
+            if interleave:
+                for k in range(8):
+                    out[b, w, k] = words[k]
+            else:
+                for k in range(8):
+                    out[b, k, w] = words[k]
 
 
-@njit(inline="always")
-def _dot(a, b, i, j):
-    s = np.uint64(0)
-    for w in range(a.shape[1]):
-        s += popcount64(a[i, w] & b[j, w])
-    return np.int64(s)
+@intrinsic
+def _tile_counts(typingctx, a_ptr, a_rows, b_ptr, n_words):
+    """Popcounts of ROWS x LANES pairs: out[r * LANES + k] = sum_w popcount(a[r, w] & b[w, k]).
+
+    a_ptr: address of ROWS consecutive row bitsets of n_words uint64 each, of which only the
+    first a_rows are read (later rows repeat the last one; the caller drops their counts);
+    b_ptr: address of one lane group [n_words, LANES] uint64. Returns a tuple of int64.
+    Written as LLVM IR because numba's loop vectorizer does not vectorize the adder tree.
+    """
+    sig = types.UniTuple(types.int64, ROWS * LANES)(types.uintp, types.intp, types.uintp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        a_int, a_rows, b_int, n_words = args
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        vec = ir.VectorType(i64, LANES)
+        zero = ir.Constant(vec, [0] * LANES)
+        const = lambda v: ir.Constant(i64, v)  # noqa: E731
+        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec]),
+                                               f"llvm.ctpop.v{LANES}i64")
+        b_base = builder.inttoptr(b_int, vec.as_pointer())
+        a_base = builder.inttoptr(a_int, i64.as_pointer())
+        last_row = builder.sub(a_rows, const(1))
+        rows = [builder.gep(a_base, [builder.mul(n_words, builder.select(
+            builder.icmp_signed("<", const(r), a_rows), const(r), last_row))]) for r in range(ROWS)]
+
+        def splat(x):
+            v = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(i32, 0))
+            return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined),
+                                          ir.Constant(ir.VectorType(i32, LANES), [0] * LANES))
+
+        def anded(r, w, b_word):
+            return builder.and_(b_word, splat(builder.load(builder.gep(rows[r], [w]), align=8)))
+
+        def csa(a, b, c):  # carry-save adder: (carry, sum) of three bit vectors
+            u = builder.xor(a, b)
+            return builder.or_(builder.and_(a, b), builder.and_(u, c)), builder.xor(u, c)
+
+        # per row: bit planes of weight 1, 2, 4, 8, and the popcount of the weight-16 carries
+        acc = [[cgutils.alloca_once_value(builder, zero) for _ in range(5)] for _ in range(ROWS)]
+        n_blocks = builder.sdiv(n_words, const(16))
+        with cgutils.for_range(builder, n_blocks) as loop:
+            w0 = builder.mul(loop.index, const(16))
+            ws = [builder.add(w0, const(m)) for m in range(16)]
+            b_words = [builder.load(builder.gep(b_base, [w]), align=8) for w in ws]
+            for r in range(ROWS):
+                x = [anded(r, w, bw) for w, bw in zip(ws, b_words)]
+                ones, twos, fours, eights, sixteens = (builder.load(p) for p in acc[r])
+                twos_a, ones = csa(ones, x[0], x[1])
+                twos_b, ones = csa(ones, x[2], x[3])
+                fours_a, twos = csa(twos, twos_a, twos_b)
+                twos_a, ones = csa(ones, x[4], x[5])
+                twos_b, ones = csa(ones, x[6], x[7])
+                fours_b, twos = csa(twos, twos_a, twos_b)
+                eights_a, fours = csa(fours, fours_a, fours_b)
+                twos_a, ones = csa(ones, x[8], x[9])
+                twos_b, ones = csa(ones, x[10], x[11])
+                fours_a, twos = csa(twos, twos_a, twos_b)
+                twos_a, ones = csa(ones, x[12], x[13])
+                twos_b, ones = csa(ones, x[14], x[15])
+                fours_b, twos = csa(twos, twos_a, twos_b)
+                eights_b, fours = csa(fours, fours_a, fours_b)
+                carry, eights = csa(eights, eights_a, eights_b)
+                sixteens = builder.add(sixteens, builder.call(ctpop, [carry]))
+                for p, v in zip(acc[r], (ones, twos, fours, eights, sixteens)):
+                    builder.store(v, p)
+        # the last n_words % 16 words: plain popcounts, added at weight 1
+        tail = [cgutils.alloca_once_value(builder, zero) for _ in range(ROWS)]
+        w_tail = builder.mul(n_blocks, const(16))
+        with cgutils.for_range(builder, builder.sub(n_words, w_tail)) as loop:
+            w = builder.add(w_tail, loop.index)
+            b_word = builder.load(builder.gep(b_base, [w]), align=8)
+            for r in range(ROWS):
+                count = builder.call(ctpop, [anded(r, w, b_word)])
+                builder.store(builder.add(builder.load(tail[r]), count), tail[r])
+
+        out = cgutils.get_null_value(context.get_value_type(signature.return_type))
+        for r in range(ROWS):
+            total = builder.load(tail[r])
+            for weight, p in enumerate(acc[r]):
+                planes = builder.load(p)
+                count = planes if weight == 4 else builder.call(ctpop, [planes])
+                total = builder.add(total, builder.shl(count, ir.Constant(vec, [weight] * LANES)))
+            for k in range(LANES):
+                out = builder.insert_value(out, builder.extract_element(total, ir.Constant(i32, k)),
+                                           r * LANES + k)
+        return out
+
+    return sig, codegen
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def and_popcount(a, b, out):
-    """out[i, j] += sum_w popcount(a[i, w] & b[j, w]) for bitsets a [da, W], b [db, W]; out int64.
+    """out[i, j] += sum_w popcount(a[i, w] & b[j // 8, w, j % 8]); a `rows` [da, W] (C-contiguous),
+    b `lanes` [ceil(db/8), W, 8], out int64 [da, db].
 
-    Parallel over blocks of TILE_I rows of a; within a block, b is walked in blocks of TILE_J
-    rows (they stay in cache across the block's rows) and a in tiles of 4 rows (each word of b
-    loaded once feeds 4 AND + popcounts).
+    Parallel over tiles of TILE_I rows of a; within a tile, b is walked in blocks of TILE_J lane
+    groups (kept in cache across the tile's rows), a in ROWS-row steps.
     """
-    da, words = a.shape
-    db = b.shape[0]
-    for ib in prange((da + TILE_I - 1) // TILE_I):
-        i_end = min(ib * TILE_I + TILE_I, da)
-        for j0 in range(0, db, TILE_J):
-            j_end = min(j0 + TILE_J, db)
-            for i in range(ib * TILE_I, i_end, 4):
-                if i + 4 <= i_end:
-                    a0, a1, a2, a3 = a[i], a[i + 1], a[i + 2], a[i + 3]
-                    for j in range(j0, j_end):
-                        bj = b[j]
-                        s0 = s1 = s2 = s3 = np.uint64(0)
-                        for w in range(words):
-                            x = bj[w]
-                            s0 += popcount64(a0[w] & x)
-                            s1 += popcount64(a1[w] & x)
-                            s2 += popcount64(a2[w] & x)
-                            s3 += popcount64(a3[w] & x)
-                        out[i, j] += np.int64(s0)
-                        out[i + 1, j] += np.int64(s1)
-                        out[i + 2, j] += np.int64(s2)
-                        out[i + 3, j] += np.int64(s3)
-                else:  # the last 1-3 rows of the block
-                    for k in range(i, i_end):
-                        for j in range(j0, j_end):
-                            out[k, j] += _dot(a, b, k, j)
+    da, n_words = a.shape
+    groups = b.shape[0]
+    db = out.shape[1]
+    a_base, b_base = a.ctypes.data, b.ctypes.data
+    group_stride = n_words * LANES * 8  # bytes per lane group
+    for it in prange((da + TILE_I - 1) // TILE_I):
+        i_end = min(it * TILE_I + TILE_I, da)
+        for g0 in range(0, groups, TILE_J):
+            for i0 in range(it * TILE_I, i_end, ROWS):
+                n_rows = min(ROWS, i_end - i0)
+                a_ptr = a_base + i0 * n_words * 8
+                for g in range(g0, min(g0 + TILE_J, groups)):
+                    counts = _tile_counts(a_ptr, n_rows, b_base + g * group_stride, n_words)
+                    for k in range(min(LANES, db - g * LANES)):
+                        for r in range(n_rows):
+                            out[i0 + r, g * LANES + k] += counts[r * LANES + k]

@@ -11,7 +11,8 @@ last and is the completion marker: a re-run skips finished pairs, `--overwrite` 
 
 Engines (all exact, and tested to agree with each other and with a dense integer product):
   popcount  CPU: each token block is transposed to neuron-major bitsets (uint64 words over
-            tokens), then C[i, j] += sum_w popcount(A_i[w] & B_j[w]) (numba, parallel, blocked;
+            tokens), then C[i, j] += sum_w popcount(A_i[w] & B_j[w]), vectorised over 8 neurons
+            of b with a Harley-Seal adder tree (numba + LLVM IR, parallel, blocked;
             pipeline/bitkernels.py)
   cuda      0/1 fp16 matrix product on tensor cores with fp32 accumulation, per block of
             <= 8,192 tokens; block results are summed in fp32 while below 2^24 (exact), then
@@ -61,7 +62,7 @@ class PopcountCounter:
 
         for s in range(0, packed_a.shape[0], MAX_CHUNK):
             a = neuron_bitsets(packed_a[s:s + MAX_CHUNK], self.width_a)
-            b = neuron_bitsets(packed_b[s:s + MAX_CHUNK], self.width_b)
+            b = neuron_bitsets(packed_b[s:s + MAX_CHUNK], self.width_b, interleave=True)
             and_popcount(a, b, self.counts)
 
     def result(self) -> np.ndarray:
@@ -154,14 +155,18 @@ class SqlCounter:
         return self.counts
 
 
-def neuron_bitsets(packed: np.ndarray, width: int) -> np.ndarray:
-    """Token-major packed rows [t, ceil(w/8)] -> neuron-major bitsets [w, ceil(t/64)] uint64."""
+def neuron_bitsets(packed: np.ndarray, width: int, interleave: bool = False) -> np.ndarray:
+    """Token-major packed rows [t, ceil(w/8)] -> neuron-major uint64 bitsets over token rows:
+    [w, ceil(t/64)], or with interleave the lane layout [ceil(w/8), ceil(t/64), 8] (word w of the
+    8 neurons of a byte column side by side; see pipeline/bitkernels.py)."""
     from pipeline.bitkernels import to_bitsets
 
-    out = np.zeros((width, (packed.shape[0] + 63) // 64), np.uint64)
+    n_bytes, n_words = arrays.packed_width(width), (packed.shape[0] + 63) // 64
+    shape = (n_bytes, n_words, 8) if interleave else (n_bytes, 8, n_words)
+    out = np.zeros(shape, np.uint64)
     if packed.shape[0] and width:
-        to_bitsets(np.ascontiguousarray(packed, dtype=np.uint8), width, out)
-    return out
+        to_bitsets(np.ascontiguousarray(packed, dtype=np.uint8), out, interleave)
+    return out if interleave else out.reshape(n_bytes * 8, n_words)[:width]
 
 
 def active_events(packed: np.ndarray, width: int, row_offset: int = 0):

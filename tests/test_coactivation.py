@@ -46,7 +46,9 @@ def dense(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     (50, 12, 5, 1.0),  # all ones
     (0, 5, 3, 0.5),  # no tokens
     (8193, 24, 31, 0.2),  # crosses a token block boundary
-    (200, 131, 66, 0.3),  # a's rows not a multiple of the 4-row tile, b's not of 8
+    (200, 131, 66, 0.3),  # a's rows not a multiple of the 3-row tile, b's not of 8
+    (1100, 200, 137, 0.5),  # adder tree over 16-word blocks + 2 tail words; 3 row tiles, 18 lane groups
+    (2048, 97, 129, 0.95),  # dense: every bit plane of the adder tree carries
 ])
 def test_engines_equal_dense_product(engine, tokens, wa, wb, density):
     rng = np.random.default_rng(tokens * 1000 + wa)
@@ -86,6 +88,12 @@ def test_neuron_bitsets_layout():
     for n in range(19):
         for r in range(130):
             assert bool((int(bits[n, r // 64]) >> (r % 64)) & 1) == mask[r, n]
+    lanes = neuron_bitsets(pack(mask), 19, interleave=True)
+    assert lanes.shape == (3, 3, 8)
+    for n in range(24):  # neurons 19..23 pad the last byte column with zeros
+        for r in range(130):
+            bit = (int(lanes[n // 8, r // 64, n % 8]) >> (r % 64)) & 1
+            assert bool(bit) == (n < 19 and mask[r, n])
 
 
 @given(st.integers(0, 200), st.integers(0, 200), st.integers(1, 20), st.integers(1, 20),
