@@ -53,6 +53,7 @@ class AblationConfig:
     model: str | None = opt(None, help="model to load instead of the run's")
     revision: str | None = opt(None, help="revision with --model")
     device: str = opt("auto", help="auto, cpu, cuda")
+    dtype: str = opt("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16")
     out_dir: str | None = opt(None, help="folder of the reference CSVs (default storage/reports/<run>/ablation)")
 
     def __post_init__(self) -> None:
@@ -114,7 +115,7 @@ def ablate(config: AblationConfig, storage: Storage, *, progress: bool = True) -
     prompts = read_prompts(prompts_path) if prompts_path else None
     model_name = config.model or manifest["model"]["name"]
     revision = config.revision if config.model else manifest["model"].get("revision")
-    loaded = load_model(model_name, revision, storage=storage, device=config.device,
+    loaded = load_model(model_name, revision, storage=storage, device=config.device, dtype=config.dtype,
                         for_generation=True)
     if loaded.widths != manifest["model"]["widths"]:
         raise UserError(f"model {model_name!r} has layer widths {loaded.widths}, not those of run "

@@ -13,68 +13,6 @@ import numpy as np
 
 SUM_FIELDS = ("sum", "sum_sq", "sum_abs", "sum_cube", "sum_quad")
 _POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], np.int32)
-_kernel = None
-
-
-def _fused_kernel():
-    """One pass over a float32 block: float64 moments, min, max, active counts and packed bits.
-
-    Parallel over blocks of 64 neurons, each with local accumulators, so threads never share
-    an output element and the result does not depend on the thread count.
-    """
-    global _kernel
-    if _kernel is not None:
-        return _kernel
-    from numba import njit, prange
-
-    @njit(parallel=True, cache=True, nogil=True)
-    def fused(x, thr, sums, mn, mx, act, packed):
-        n, d = x.shape
-        block = 64
-        for blk in prange((d + block - 1) // block):
-            j0 = blk * block
-            w = min(j0 + block, d) - j0
-            s1 = np.zeros(block)
-            s2 = np.zeros(block)
-            sa = np.zeros(block)
-            s3 = np.zeros(block)
-            s4 = np.zeros(block)
-            lo = np.full(block, np.inf)
-            hi = np.full(block, -np.inf)
-            ac = np.zeros(block, np.int64)
-            bits = np.zeros(block, np.uint8)
-            for r in range(n):
-                for k in range(w):
-                    v = np.float64(x[r, j0 + k])
-                    v2 = v * v
-                    s1[k] += v
-                    s2[k] += v2
-                    sa[k] += abs(v)
-                    s3[k] += v2 * v
-                    s4[k] += v2 * v2
-                    lo[k] = min(lo[k], v)
-                    hi[k] = max(hi[k], v)
-                    on = x[r, j0 + k] > thr
-                    ac[k] += on
-                    bits[k] = on
-                for b in range((w + 7) // 8):
-                    byte = 0
-                    for k in range(8):
-                        if b * 8 + k < w:
-                            byte |= bits[b * 8 + k] << k
-                    packed[r, j0 // 8 + b] = byte
-            for k in range(w):
-                sums[0, j0 + k] += s1[k]
-                sums[1, j0 + k] += s2[k]
-                sums[2, j0 + k] += sa[k]
-                sums[3, j0 + k] += s3[k]
-                sums[4, j0 + k] += s4[k]
-                mn[j0 + k] = min(mn[j0 + k], lo[k])
-                mx[j0 + k] = max(mx[j0 + k], hi[k])
-                act[j0 + k] += ac[k]
-
-    _kernel = fused
-    return fused
 
 
 @dataclass
@@ -88,6 +26,9 @@ class NeuronMoments:
     min: np.ndarray = None  # type: ignore[assignment]
     max: np.ndarray = None  # type: ignore[assignment]
     active_count: np.ndarray = None  # type: ignore[assignment]
+    # partial sums still on an accelerator: kept there between blocks (no host sync per block),
+    # folded into the NumPy fields above by _sync() before anything reads them
+    _device: dict | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in SUM_FIELDS:
@@ -98,30 +39,64 @@ class NeuronMoments:
             self.active_count = np.zeros(self.width, np.int64)
 
     def update(self, acts) -> None:
-        """Add a block of activations [tokens, width] (a torch tensor on any device, or NumPy)."""
+        """Add a block of activations [tokens, width] (a torch tensor on any device, or NumPy).
+
+        A block on an accelerator is reduced there into device-resident float64 sums."""
         import torch
 
-        x = torch.as_tensor(acts).reshape(-1, self.width).to(torch.float64)
-        x2 = x * x
-        partial = {
-            "sum": x.sum(0),
-            "sum_sq": x2.sum(0),
-            "sum_abs": x.abs().sum(0),
-            "sum_cube": (x2 * x).sum(0),
-            "sum_quad": (x2 * x2).sum(0),
-        }
-        for name, value in partial.items():
-            self.sums[name] += value.cpu().numpy()
+        x = torch.as_tensor(acts).reshape(-1, self.width)
+        if x.device.type == "cpu":
+            self._update_cpu(x)
+            return
+        if self._device is None:
+            self._device = {
+                "sums": torch.zeros((len(SUM_FIELDS), self.width), dtype=torch.float64, device=x.device),
+                "min": torch.full((self.width,), float("inf"), dtype=torch.float64, device=x.device),
+                "max": torch.full((self.width,), float("-inf"), dtype=torch.float64, device=x.device),
+                "active_count": torch.zeros(self.width, dtype=torch.int64, device=x.device),
+            }
+        d = self._device
+        x64 = x.to(torch.float64)
+        x2 = x64 * x64
+        d["sums"] += torch.stack([x64.sum(0), x2.sum(0), x64.abs().sum(0), (x2 * x64).sum(0),
+                                  (x2 * x2).sum(0)])
         if x.shape[0]:
-            np.minimum(self.min, x.amin(0).cpu().numpy(), out=self.min)
-            np.maximum(self.max, x.amax(0).cpu().numpy(), out=self.max)
-        self.active_count += (x > self.active_threshold).sum(0).cpu().numpy()
+            torch.minimum(d["min"], x64.amin(0), out=d["min"])
+            torch.maximum(d["max"], x64.amax(0), out=d["max"])
+        d["active_count"] += (x > self.active_threshold).sum(0)
         self.count += x.shape[0]
+
+    def _update_cpu(self, x) -> None:
+        import torch
+
+        x = x.to(torch.float64)
+        x2 = x * x
+        for name, value in zip(SUM_FIELDS, (x.sum(0), x2.sum(0), x.abs().sum(0), (x2 * x).sum(0),
+                                            (x2 * x2).sum(0))):
+            self.sums[name] += value.numpy()
+        if x.shape[0]:
+            np.minimum(self.min, x.amin(0).numpy(), out=self.min)
+            np.maximum(self.max, x.amax(0).numpy(), out=self.max)
+        self.active_count += (x > self.active_threshold).sum(0).numpy()
+        self.count += x.shape[0]
+
+    def _sync(self) -> None:
+        """Fold the device-resident partial sums into the NumPy fields (one transfer)."""
+        if self._device is None:
+            return
+        d = {k: v.cpu().numpy() for k, v in self._device.items()}
+        for i, name in enumerate(SUM_FIELDS):
+            self.sums[name] = self.sums[name] + d["sums"][i]
+        self.min = np.minimum(self.min, d["min"])
+        self.max = np.maximum(self.max, d["max"])
+        self.active_count = self.active_count + d["active_count"]
+        self._device = None
 
     def update_and_pack(self, acts) -> tuple[np.ndarray, np.ndarray]:
         """Add a block [tokens, width] and return its packed active bits and active count per row.
 
-        On the CPU one fused numba pass does it all; on CUDA the torch path stays on the device.
+        On the CPU one fused numba pass does it all; on an accelerator the reductions and the
+        bit packing run there, and only the packed bits (1/16 of fp16) come back per block.
         """
         import torch
 
@@ -130,13 +105,15 @@ class NeuronMoments:
         x = torch.as_tensor(acts).reshape(-1, self.width)
         if x.device.type != "cpu":
             self.update(x)
-            active = x > self.active_threshold
-            return pack_mask(active), active.sum(1, dtype=torch.int32).cpu().numpy()
+            packed = pack_mask(x > self.active_threshold)
+            return packed, _POPCOUNT8[packed].sum(1, dtype=np.int32)
+        from pipeline.bitkernels import moments_and_pack
+
         x = np.ascontiguousarray(x.to(torch.float32).numpy())
         packed = np.empty((x.shape[0], (self.width + 7) // 8), np.uint8)
         sums = np.stack([self.sums[k] for k in SUM_FIELDS])
-        _fused_kernel()(x, np.float32(self.active_threshold), sums, self.min, self.max,
-                        self.active_count, packed)
+        moments_and_pack(x, np.float32(self.active_threshold), sums, self.min, self.max,
+                         self.active_count, packed)
         for i, k in enumerate(SUM_FIELDS):
             self.sums[k] = sums[i]
         self.count += x.shape[0]
@@ -145,6 +122,8 @@ class NeuronMoments:
     def merge(self, other: NeuronMoments) -> NeuronMoments:
         if other.width != self.width or other.active_threshold != self.active_threshold:
             raise ValueError("cannot merge accumulators of different layers or thresholds")
+        self._sync()
+        other._sync()
         return NeuronMoments(
             width=self.width,
             active_threshold=self.active_threshold,
@@ -160,6 +139,7 @@ class NeuronMoments:
 
     def columns(self) -> dict[str, np.ndarray]:
         """Columns of the neuron_stats table for this layer (without ids)."""
+        self._sync()
         return {
             "count": np.full(self.width, self.count, np.int64),
             **{k: v.copy() for k, v in self.sums.items()},
@@ -171,6 +151,7 @@ class NeuronMoments:
     # -- persistence for resumable runs (NumPy .npz, never pickle)
 
     def state(self, prefix: str) -> dict[str, np.ndarray]:
+        self._sync()
         out = {f"{prefix}/{k}": v for k, v in self.sums.items()}
         out.update({
             f"{prefix}/min": self.min, f"{prefix}/max": self.max,

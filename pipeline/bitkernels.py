@@ -1,4 +1,5 @@
-"""numba kernels over bit-packed masks: transposition to neuron-major bitsets, AND + popcount.
+"""numba kernels over activation masks: fused moments + bit packing of activation blocks,
+transposition to neuron-major bitsets, AND + popcount.
 
 Imported lazily (numba takes a moment to load). The kernels are module-level functions with
 `cache=True`, so they are compiled once and later processes load the cached machine code from
@@ -201,3 +202,56 @@ def and_popcount(a, b, out):
                     for k in range(min(LANES, db - g * LANES)):
                         for r in range(n_rows):
                             out[i0 + r, g * LANES + k] += counts[r * LANES + k]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def moments_and_pack(x, thr, sums, mn, mx, act, packed):
+    """One pass over a float32 block x [n, d]: float64 sums of x, x^2, |x|, x^3, x^4 into
+    sums [5, d], min/max, active counts (x > thr) and the packed active bits [n, ceil(d/8)].
+
+    Parallel over blocks of 64 neurons, each with local accumulators, so threads never share
+    an output element and the result does not depend on the thread count.
+    """
+    n, d = x.shape
+    block = 64
+    for blk in prange((d + block - 1) // block):
+        j0 = blk * block
+        w = min(j0 + block, d) - j0
+        s1 = np.zeros(block)
+        s2 = np.zeros(block)
+        sa = np.zeros(block)
+        s3 = np.zeros(block)
+        s4 = np.zeros(block)
+        lo = np.full(block, np.inf)
+        hi = np.full(block, -np.inf)
+        ac = np.zeros(block, np.int64)
+        bits = np.zeros(block, np.uint8)
+        for r in range(n):
+            for k in range(w):
+                v = np.float64(x[r, j0 + k])
+                v2 = v * v
+                s1[k] += v
+                s2[k] += v2
+                sa[k] += abs(v)
+                s3[k] += v2 * v
+                s4[k] += v2 * v2
+                lo[k] = min(lo[k], v)
+                hi[k] = max(hi[k], v)
+                on = x[r, j0 + k] > thr
+                ac[k] += on
+                bits[k] = on
+            for b in range((w + 7) // 8):
+                byte = 0
+                for k in range(8):
+                    if b * 8 + k < w:
+                        byte |= bits[b * 8 + k] << k
+                packed[r, j0 // 8 + b] = byte
+        for k in range(w):
+            sums[0, j0 + k] += s1[k]
+            sums[1, j0 + k] += s2[k]
+            sums[2, j0 + k] += sa[k]
+            sums[3, j0 + k] += s3[k]
+            sums[4, j0 + k] += s4[k]
+            mn[j0 + k] = min(mn[j0 + k], lo[k])
+            mx[j0 + k] = max(mx[j0 + k], hi[k])
+            act[j0 + k] += ac[k]

@@ -378,9 +378,7 @@ def extract(config: ExtractConfig, storage: Storage, *, overwrite: bool = False,
 
     token_text = _TokenText(tokenizer)
     if device.type == "cpu":
-        from pipeline.accumulators import _fused_kernel
-
-        _fused_kernel()  # import numba and load the compiled kernel before the clock starts
+        import pipeline.bitkernels  # noqa: F401  (import numba, load the compiled kernels before the clock starts)
     base = loaded.adapter.base_model(loaded.model)
     done_units = manifest["committed"]["units"]
     row = manifest["committed"]["rows"]

@@ -44,6 +44,7 @@ class GradientConfig:
     model: str = opt(help="zoo name, local folder or hub id")
     revision: str | None = opt(None, help="checkpoint / hub revision")
     device: str = opt("auto", help="auto, cpu, cuda")
+    dtype: str = opt("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16")
     corpus: str = opt("stdlib", help="corpus of the loss (stdlib, a file, or a hub dataset)")
     num_samples: int = opt(64, help="windows")
     batch_size: int = opt(4, help="windows per forward/backward pass")
@@ -126,7 +127,8 @@ def gradients(config: GradientConfig, storage: Storage, *, progress: bool = True
     from pipeline.models import load_model
 
     t_start = time.perf_counter()
-    loaded = load_model(config.model, config.revision, storage=storage, device=config.device)
+    loaded = load_model(config.model, config.revision, storage=storage, device=config.device,
+                        dtype=config.dtype)
     if not loaded.is_causal:
         raise UserError(f"model {config.model!r} is not a causal LM: the next-token loss needs one")
     sae = load_sae(config.sae, loaded.device, loaded.dtype) if config.sae else None

@@ -51,6 +51,7 @@ class UniversalConfig:
     min_models: int | None = opt(None, help="...for at least this many models (default: all others)")
     seed: int = opt(0, help="seed of the baseline")
     device: str = opt("auto", help="auto, cpu, cuda")
+    dtype: str = opt("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16")
     name: str | None = opt(None, help="result name (default: slug of the models)")
 
     def __post_init__(self) -> None:
@@ -131,7 +132,8 @@ def _cache_activations(config: UniversalConfig, storage: Storage, group, progres
 
     models, windows, vocab, moments = {}, None, None, None
     for index, name in enumerate(config.models):
-        loaded = load_model(name, None, storage=storage, device=config.device, for_generation=False)
+        loaded = load_model(name, None, storage=storage, device=config.device, dtype=config.dtype,
+                            for_generation=False)
         this_vocab = loaded.tokenizer.get_vocab()
         if vocab is None:
             vocab = this_vocab

@@ -48,7 +48,8 @@ def test_zero_ablation_effects_match_w_out_rows_zeroed(run, micro_model_dir, cor
     ids = np.array([3, 7, 45, 90, 119])
     np.save(tmp_path / "five.npy", ids)
     out = ablate(AblationConfig(run="a", subset_files=[str(tmp_path / "five.npy")], controls=3,
-                                corpus=str(corpus_file), num_samples=4, max_length=8, batch_size=3),
+                                corpus=str(corpus_file), num_samples=4, max_length=8, batch_size=3,
+                                device="cpu"),
                  storage, progress=False)
     eff = out["ablation_effects"].filter(out["ablation_effects"]["kind"] == "subset").row(0, named=True)
     # independent route: a neuron that is zero contributes nothing, so zeroing its W_out row

@@ -150,7 +150,7 @@ def test_sql_array_macros(warehouse):
 def test_trace_matches_forward(tmp_path, micro_model_dir, capsys):
     text = "the value of a list returns"
     code, out, _ = run_cli(capsys, "trace", "--model", str(micro_model_dir), "--text", text,
-                           "--run", "t", "--storage", str(tmp_path))
+                           "--run", "t", "--storage", str(tmp_path), "--device", "cpu")
     assert code == 0
     model = AutoModelForCausalLM.from_pretrained(micro_model_dir).eval()
     ids = AutoTokenizer.from_pretrained(micro_model_dir)(text, return_tensors="pt")["input_ids"]

@@ -169,7 +169,7 @@ def counted(tmp_path_factory, micro_model_dir, corpus_file):
     storage = Storage(tmp_path_factory.mktemp("coact"))
     extract(ExtractConfig(model=str(micro_model_dir), corpus=str(corpus_file), num_samples=12,
                           max_length=32, run="c"), storage, progress=False)
-    coactivation(CoactivationConfig(run="c", chunk_tokens=100), storage, progress=False)
+    coactivation(CoactivationConfig(run="c", chunk_tokens=100, device="cpu"), storage, progress=False)
     return storage
 
 
@@ -217,7 +217,7 @@ def test_unfinished_pair_is_recounted(counted, masks):
     group["coact/L1_L2"].attrs["complete"] = False
     with pytest.raises(UserError, match="no co-activation counts for layers 1:2"):
         read_counts(counted, "c", 1, 2)
-    coactivation(CoactivationConfig(run="c"), counted, progress=False)
+    coactivation(CoactivationConfig(run="c", device="cpu"), counted, progress=False)
     np.testing.assert_array_equal(read_counts(counted, "c", 1, 2), dense(masks[1], masks[2]))
 
 

@@ -56,7 +56,7 @@ def token_windows(storage: Storage, run: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def corpus_run(tmp_path_factory, micro_model_dir, corpus_file):
     storage = Storage(tmp_path_factory.mktemp("wh"))
-    config = ExtractConfig(model=str(micro_model_dir), corpus=str(corpus_file), num_samples=20,
+    config = ExtractConfig(model=str(micro_model_dir), corpus=str(corpus_file), num_samples=20, device="cpu",
                            max_length=24, batch_size=4, store_acts=True,
                            active_threshold=THRESHOLD, chunk_tokens=150, run="r1")
     manifest = extract(config, storage, progress=False)

@@ -34,7 +34,7 @@ def summed_loss(model, ids):
 def test_mean_gradient_equals_output_bias_route(tmp_path, micro_model_dir, corpus_file):
     """sum_t dL/da[t, n] = W_out[n] . dL/d(c_proj bias): autograd without any hook."""
     storage = Storage(tmp_path)
-    res = gradients(GradientConfig(model=str(micro_model_dir), corpus=str(corpus_file),
+    res = gradients(GradientConfig(model=str(micro_model_dir), corpus=str(corpus_file), device="cpu",
                                    num_samples=4, batch_size=4, max_length=12,
                                    aggregation_mode="both", name="g"), storage, progress=False)
     model = AutoModelForCausalLM.from_pretrained(micro_model_dir)
@@ -54,7 +54,7 @@ def test_mean_gradient_equals_output_bias_route(tmp_path, micro_model_dir, corpu
 
 
 def test_normalized_sum_equals_width(tmp_path, micro_model_dir, corpus_file):
-    res = gradients(GradientConfig(model=str(micro_model_dir), corpus=str(corpus_file),
+    res = gradients(GradientConfig(model=str(micro_model_dir), corpus=str(corpus_file), device="cpu",
                                    num_samples=2, max_length=12, layers="1",
                                    normalize_gradients=True, name="n"), Storage(tmp_path),
                     progress=False)
@@ -76,7 +76,7 @@ def make_sae(path, d_in=40, d_sae=16, layer=1, seed=0):
 def test_sae_splice_keeps_loss_and_matches_finite_differences(tmp_path, micro_model_dir, corpus_file):
     w = make_sae(tmp_path / "sae")
     storage = Storage(tmp_path / "s")
-    res = gradients(GradientConfig(model=str(micro_model_dir), corpus=str(corpus_file),
+    res = gradients(GradientConfig(model=str(micro_model_dir), corpus=str(corpus_file), device="cpu",
                                    num_samples=4, batch_size=4, max_length=12,
                                    sae=str(tmp_path / "sae"), aggregation_mode="both",
                                    name="sae"), storage, progress=False)
@@ -85,7 +85,7 @@ def test_sae_splice_keeps_loss_and_matches_finite_differences(tmp_path, micro_mo
     from pipeline.gradients import load_sae
     from pipeline.hooks import edit_neurons
 
-    loaded = load_model(str(micro_model_dir), storage=storage)
+    loaded = load_model(str(micro_model_dir), storage=storage, device="cpu")
     sae = load_sae(tmp_path / "sae", loaded.device, loaded.dtype)
     ids = windows(micro_model_dir, corpus_file)
 
