@@ -40,7 +40,8 @@ from pipeline.storage import DEFAULT_ROOT, Storage, read_json, slug, validate_ru
 log = logging.getLogger(__name__)
 
 # fields that do not change what a run contains; a resume may change them
-_NOT_HASHED = ("device",)
+_NOT_HASHED = ("device", "commit_seconds")  # settings that do not change the result
+COMMIT_BYTES = 256 << 20  # buffered masks + activations that force a commit
 
 
 @dataclass
@@ -69,7 +70,9 @@ class ExtractConfig:
     store_acts: bool = opt(False, help="also store dense float16 activations")
     acts_layers: str | None = opt(None, help="layers whose dense activations are stored "
                                   "(with --store-acts; default all recorded layers)")
-    chunk_tokens: int = opt(2048, help="token rows per Zarr chunk and per commit")
+    chunk_tokens: int = opt(2048, help="token rows per Zarr chunk (and the smallest commit)")
+    commit_seconds: float = opt(1.0, help="commit a resumable checkpoint at most this often "
+                                "(also once 256 MiB are buffered); 0 = every --chunk-tokens rows")
     run: str | None = opt(None, help="run name (default: a slug of model, revision and input)")
 
     def __post_init__(self) -> None:
@@ -80,6 +83,8 @@ class ExtractConfig:
         for name in ("num_samples", "max_length", "batch_size", "chunk_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.commit_seconds < 0:
+            raise UserError("--commit-seconds must be >= 0 (0 = commit every --chunk-tokens rows)")
         if self.temperature < 0:
             raise UserError("--temperature must be >= 0 (0 = greedy)")
         if self.top_k < 0:
@@ -218,15 +223,26 @@ class _Writer:
         self.dense: dict[int, list[np.ndarray]] = {l: [] for l in self.dense_layers}
         self.token_cols: list[dict[str, np.ndarray]] = []
         self.rows = 0
+        self.nbytes = 0
+        self.started = time.perf_counter()
 
     def add(self, packed: dict[int, np.ndarray], dense: dict[int, np.ndarray],
             token_cols: dict[str, Any]) -> None:
         for l, block in packed.items():
             self.packed[l].append(block)
+            self.nbytes += block.nbytes
         for l, block in dense.items():
             self.dense[l].append(block)
+            self.nbytes += block.nbytes
         self.token_cols.append(token_cols)
         self.rows += len(token_cols["row"])
+
+    def due(self, chunk_rows: int, commit_seconds: float) -> bool:
+        """A commit is due once a chunk is buffered and either commit_seconds have passed since
+        the last one or the buffer is large: few commits where forward passes are fast (each
+        costs a few writes), bounded memory and bounded lost work where they are slow."""
+        return self.rows >= chunk_rows and (
+            time.perf_counter() - self.started >= commit_seconds or self.nbytes >= COMMIT_BYTES)
 
     def commit(self, units_done: int, samples: int) -> None:
         """Hand the buffered rows to a background writer (I/O overlaps the next forward passes).
@@ -427,7 +443,7 @@ def extract(config: ExtractConfig, storage: Storage, *, overwrite: bool = False,
                 })
                 row, sample = row + n, sample + n_seq
                 bar.update(n)
-                if writer.rows >= chunk_rows:
+                if writer.due(chunk_rows, config.commit_seconds):
                     writer.commit(unit.index + 1, sample)
                 done_units = unit.index + 1
         writer.commit(done_units, sample)

@@ -58,7 +58,7 @@ def corpus_run(tmp_path_factory, micro_model_dir, corpus_file):
     storage = Storage(tmp_path_factory.mktemp("wh"))
     config = ExtractConfig(model=str(micro_model_dir), corpus=str(corpus_file), num_samples=20, device="cpu",
                            max_length=24, batch_size=4, store_acts=True,
-                           active_threshold=THRESHOLD, chunk_tokens=150, run="r1")
+                           active_threshold=THRESHOLD, chunk_tokens=150, commit_seconds=0, run="r1")
     manifest = extract(config, storage, progress=False)
     return storage, config, manifest
 
@@ -164,7 +164,7 @@ def _snapshot(storage: Storage, run: str) -> dict:
 
 def _config(model_dir, corpus, run, **kw):
     return ExtractConfig(model=str(model_dir), corpus=str(corpus), num_samples=16, max_length=16,
-                         batch_size=2, chunk_tokens=32, store_acts=True, run=run, **kw)
+                         batch_size=2, chunk_tokens=32, commit_seconds=0, store_acts=True, run=run, **kw)
 
 
 def test_resume_after_crash_equals_uninterrupted(tmp_path, micro_model_dir, corpus_file,
@@ -203,7 +203,7 @@ def test_kill_9_resumes_exactly(tmp_path, micro_model_dir):
     corpus.write_text("\n\n".join(" ".join(rng.choice(words, 40)) for _ in range(800)))
     args = ["extract", "--model", str(micro_model_dir), "--corpus", str(corpus),
             "--num-samples", "600", "--max-length", "16", "--batch-size", "1",
-            "--chunk-tokens", "16", "--run", "k", "--quiet"]
+            "--chunk-tokens", "16", "--commit-seconds", "0", "--run", "k", "--quiet"]
     ref = Storage(tmp_path / "ref")
     subprocess.run([sys.executable, "-m", "pipeline", *args, "--storage", str(ref.root)],
                    check=True, capture_output=True)
