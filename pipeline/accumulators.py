@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 
 SUM_FIELDS = ("sum", "sum_sq", "sum_abs", "sum_cube", "sum_quad")
-_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], np.int32)
 
 
 @dataclass
@@ -106,7 +105,7 @@ class NeuronMoments:
         if x.device.type != "cpu":
             self.update(x)
             packed = pack_mask(x > self.active_threshold)
-            return packed, _POPCOUNT8[packed].sum(1, dtype=np.int32)
+            return packed, np.bitwise_count(packed).sum(1, dtype=np.int32)
         from pipeline.bitkernels import moments_and_pack
 
         x = np.ascontiguousarray(x.to(torch.float32).numpy())
@@ -117,7 +116,7 @@ class NeuronMoments:
         for i, k in enumerate(SUM_FIELDS):
             self.sums[k] = sums[i]
         self.count += x.shape[0]
-        return packed, _POPCOUNT8[packed].sum(1, dtype=np.int32)
+        return packed, np.bitwise_count(packed).sum(1, dtype=np.int32)
 
     def merge(self, other: NeuronMoments) -> NeuronMoments:
         if other.width != self.width or other.active_threshold != self.active_threshold:
