@@ -19,10 +19,12 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 import platform
 import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -216,6 +218,8 @@ class _Writer:
         self.next_row = manifest["committed"]["rows"]
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                        thread_name_prefix="nwh-write")
         self._reset()
 
     def _reset(self) -> None:
@@ -273,18 +277,20 @@ class _Writer:
             raise error
 
     def drain(self) -> None:
-        """Wait for the commit in flight, keeping its error for a later wait()."""
+        """Wait for the commit in flight, keeping its error for a later wait(); end the pool."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self._pool.shutdown()
 
     def _write(self, job: dict) -> None:
         try:
             start = job["start"]
-            for l, block in job["packed"].items():
-                arrays.write_rows(self.active[l], start, block)
-            for l, block in job["dense"].items():
-                arrays.write_rows(self.acts[l], start, block)
+            writes = [(self.active[l], block) for l, block in job["packed"].items()]
+            writes += [(self.acts[l], block) for l, block in job["dense"].items()]
+            # one array per thread: compression and file writes release the GIL, and on a GPU
+            # host these writes, not the forward passes, bound the extraction rate
+            list(self._pool.map(lambda w: arrays.write_rows(w[0], start, w[1]), writes))
             if job["tokens"] is not None:
                 tables.write_part(self.storage, "tokens", self.run_id, job["tokens"],
                                   part=f"part-{start:012d}")
