@@ -4,7 +4,10 @@
 
 Writes <prefix>_activation_dataset.csv, _neuron_activations.json, _neuron_attributes.csv,
 _neuron_edges.el (the implicit full bipartite graph between adjacent layers, streamed line by
-line), _neuron_frequency.csv and _activation_matrix.npz (matrix, neuron_ids, neuron_map).
+line), _neuron_frequency.csv and _activation_matrix.npz (matrix: samples x neurons ever active,
+int32; neuron_ids: the column's neuron id; neuron_map: dict neuron id -> column, read with
+allow_pickle as the reference does). Column names are those the reference readers look up
+(`node_id`, `neuron_id`, `activation_count`, `sample_id`, `input_text`, `output`).
 Every file is written to a temporary name and renamed.
 """
 
@@ -77,7 +80,7 @@ def export_run(storage: Storage, run: str, out_dir: Path, prefix: str, *,
     attributes = out_dir / f"{prefix}_neuron_attributes.csv"
     with atomic_path(attributes) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["id", "layer", "dimension"])
+        w.writerow(["node_id", "layer", "dimension"])
         w.writerows(zip(ids.tolist(), neurons["layer"].to_pylist(), neurons["neuron"].to_pylist()))
     paths.append(attributes)
 
@@ -89,12 +92,19 @@ def export_run(storage: Storage, run: str, out_dir: Path, prefix: str, *,
         neuron_frequency(storage, run).write_csv(tmp)
     paths.append(frequency)
 
+    # samples x neurons that were ever active, as the reference builds it; int32 so that its
+    # per-edge np.dot of two columns counts exactly (a uint8 dot wraps at 256)
     matrix_path = out_dir / f"{prefix}_activation_matrix.npz"
-    matrix = np.concatenate([_active_rows(group, layers, widths, s, min(s + BLOCK, rows))
-                             for s in range(0, rows, BLOCK)]).astype(np.uint8)
-    neuron_map = np.stack([neurons["layer"].to_numpy(), neurons["neuron"].to_numpy()], axis=1)
+    stats = tables.read_partition(storage, "neuron_stats", run)
+    count = dict(zip(stats["neuron_id"].to_pylist(), stats["active_count"].to_pylist()))
+    ever = np.array([k for k, n in enumerate(ids.tolist()) if count[n] > 0], np.int64)
+    matrix = np.concatenate([_active_rows(group, layers, widths, s, min(s + BLOCK, rows))[:, ever]
+                             for s in range(0, rows, BLOCK)]).astype(np.int32)
+    neuron_ids = ids[ever]
+    # the reference reads neuron_map with allow_pickle and .item(): a dict neuron id -> column
+    neuron_map = np.array({int(n): k for k, n in enumerate(neuron_ids.tolist())}, dtype=object)
     with atomic_path(matrix_path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, matrix=matrix, neuron_ids=ids, neuron_map=neuron_map)
+        np.savez_compressed(f, matrix=matrix, neuron_ids=neuron_ids, neuron_map=neuron_map)
     paths.append(matrix_path)
     return paths
 

@@ -38,7 +38,8 @@ def _query(storage: Storage, name: str, **params) -> pl.DataFrame:
 
 
 def neuron_frequency(storage: Storage, run: str) -> pl.DataFrame:
-    """Columns id, layer, dimension, count, frequency (the reference neuron_frequency.csv)."""
+    """Columns neuron_id, layer, dimension, activation_count, activation_frequency (the reference
+    neuron_frequency.csv)."""
     storage.finished_run(run)
     return _query(storage, "neuron_frequency", run_id=run)
 

@@ -28,12 +28,13 @@ def run(tmp_path_factory, micro_model_dir, corpus_file):
 def test_frequency_equals_mask_counts(run):
     storage, masks, _, _ = run
     freq = neuron_frequency(storage, "f").to_dict(as_series=False)
-    assert list(freq) == ["id", "layer", "dimension", "count", "frequency"]
-    for k, (i, l, d) in enumerate(zip(freq["id"], freq["layer"], freq["dimension"])):
+    assert list(freq) == ["neuron_id", "layer", "dimension", "activation_count",
+                          "activation_frequency"]
+    for k, (i, l, d) in enumerate(zip(freq["neuron_id"], freq["layer"], freq["dimension"])):
         assert i == l * 40 + d
         column = [bool(x) for x in masks[l][:, d]]
-        assert freq["count"][k] == sum(column)
-        assert freq["frequency"][k] == pytest.approx(sum(column) / len(column))
+        assert freq["activation_count"][k] == sum(column)
+        assert freq["activation_frequency"][k] == pytest.approx(sum(column) / len(column))
 
 
 def test_summary_moments_equal_numpy(run):
