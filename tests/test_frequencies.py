@@ -18,6 +18,10 @@ def run(tmp_path_factory, micro_model_dir, corpus_file):
     extract(ExtractConfig(model=str(micro_model_dir), corpus=str(corpus_file), num_samples=8,
                           max_length=16, store_acts=True, acts_layers="1-2", run="f"),
             storage, progress=False)
+    # a second run in the same warehouse: every query below must see run f's rows only
+    extract(ExtractConfig(model=str(micro_model_dir), corpus=str(corpus_file), num_samples=12,
+                          max_length=16, store_acts=True, active_threshold=-0.05, run="g"),
+            storage, progress=False)
     group = arrays.open_group(storage.arrays("f"), mode="r")
     masks = {l: arrays.unpack_mask(group[f"active/L{l}"][:], 40) for l in range(3)}
     acts = {l: group[f"acts/L{l}"][:] for l in (1, 2)}
@@ -57,7 +61,7 @@ def test_top_tokens_brute_force(run):
     top = top_tokens(storage, "f", 2, 3, k=5, context=3).to_dict(as_series=False)
     values = acts[2][:, 3].astype(np.float64)
     order = sorted(range(len(values)), key=lambda r: (-values[r], r))[:5]
-    assert top["row"] == order
+    assert top["row"] == order and top["rank"] == [1, 2, 3, 4, 5]
     assert top["value"] == [values[r] for r in order]
     for r, ctx, tok in zip(top["row"], top["context"], top["token"]):
         s, p = tokens["sample"][r], tokens["position"][r]
