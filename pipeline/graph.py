@@ -158,42 +158,6 @@ def build_graph(n_nodes: int, edges: np.ndarray):
 # -- threshold analysis: one streaming pass, one union-find per threshold
 
 
-def _union_find_kernel():
-    from numba import njit
-
-    @njit(cache=True, nogil=True)
-    def add(parent, size, has_edge, stats, src, dst, weights, thresholds):
-        """Union every edge into the union-find of each threshold it exceeds.
-
-        parent, size, has_edge: [k, n]; stats[k] = (edges, components merged, nodes with edge).
-        """
-        for e in range(len(src)):
-            w = weights[e]
-            for t in range(len(thresholds)):
-                if not w > thresholds[t]:
-                    continue
-                stats[t, 0] += 1
-                u, v = src[e], dst[e]
-                for x in (u, v):
-                    if not has_edge[t, x]:
-                        has_edge[t, x] = True
-                        stats[t, 2] += 1
-                while parent[t, u] != u:
-                    parent[t, u] = parent[t, parent[t, u]]
-                    u = parent[t, u]
-                while parent[t, v] != v:
-                    parent[t, v] = parent[t, parent[t, v]]
-                    v = parent[t, v]
-                if u != v:
-                    if size[t, u] < size[t, v]:
-                        u, v = v, u
-                    parent[t, v] = u
-                    size[t, u] += size[t, v]
-                    stats[t, 1] += 1
-
-    return add
-
-
 class ThresholdAnalysis:
     """Graph statistics at many thresholds from one streaming pass over the edges.
 
@@ -213,9 +177,10 @@ class ThresholdAnalysis:
         self.stats = np.zeros((k, 3), np.int64)
 
     def add(self, src: np.ndarray, dst: np.ndarray, weights: np.ndarray) -> None:
-        _union_find_kernel()(self.parent, self.size, self.has_edge, self.stats,
-                             src.astype(np.int64), dst.astype(np.int64),
-                             weights.astype(np.float64), self.thresholds)
+        from pipeline.unionfind import union_edges  # numba: imported when first needed
+
+        union_edges(self.parent, self.size, self.has_edge, self.stats, src.astype(np.int64),
+                    dst.astype(np.int64), weights.astype(np.float64), self.thresholds)
 
     def result(self) -> pl.DataFrame:
         rows = []
