@@ -202,7 +202,7 @@ class _Writer:
 
     def __init__(self, storage: Storage, run_id: str, manifest: dict, group, layers: list[int],
                  dense_layers: list[int], widths: dict[int, int], chunk_rows: int,
-                 moments: dict[int, NeuronMoments]):
+                 moments: dict[int, NeuronMoments], write_threads: int = 1):
         self.storage, self.run_id, self.manifest, self.group = storage, run_id, manifest, group
         self.layers, self.dense_layers, self.moments = layers, dense_layers, moments
         self.active = {
@@ -218,8 +218,7 @@ class _Writer:
         self.next_row = manifest["committed"]["rows"]
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
-                                        thread_name_prefix="nwh-write")
+        self._pool = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="nwh-write")
         self._reset()
 
     def _reset(self) -> None:
@@ -288,8 +287,8 @@ class _Writer:
             start = job["start"]
             writes = [(self.active[l], block) for l, block in job["packed"].items()]
             writes += [(self.acts[l], block) for l, block in job["dense"].items()]
-            # one array per thread: compression and file writes release the GIL, and on a GPU
-            # host these writes, not the forward passes, bound the extraction rate
+            # one array per thread where the forward runs on an accelerator: compression and
+            # file writes release the GIL, and these writes, not the forward, bound the rate
             list(self._pool.map(lambda w: arrays.write_rows(w[0], start, w[1]), writes))
             if job["tokens"] is not None:
                 tables.write_part(self.storage, "tokens", self.run_id, job["tokens"],
@@ -395,8 +394,10 @@ def extract(config: ExtractConfig, storage: Storage, *, overwrite: bool = False,
     rows_per_unit = config.batch_size * config.max_length
     chunk_rows = (rows_per_unit * max(1, round(config.chunk_tokens / rows_per_unit))
                   if prompts is None else config.chunk_tokens)
+    # on the CPU the forward needs every core: one writer thread; on a GPU several
+    write_threads = 1 if device.type == "cpu" else min(8, os.cpu_count() or 1)
     writer = _Writer(storage, run_id, manifest, group, layers, dense_layers, widths,
-                     chunk_rows, moments)
+                     chunk_rows, moments, write_threads)
 
     token_text = _TokenText(tokenizer)
     if device.type == "cpu":
