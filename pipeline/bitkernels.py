@@ -135,21 +135,17 @@ def _tile_counts(typingctx, a_ptr, a_rows, b_ptr, n_words):
             for r in range(ROWS):
                 x = [anded(r, w, bw) for w, bw in zip(ws, b_words)]
                 ones, twos, fours, eights, sixteens = (builder.load(p) for p in acc[r])
-                twos_a, ones = csa(ones, x[0], x[1])
-                twos_b, ones = csa(ones, x[2], x[3])
-                fours_a, twos = csa(twos, twos_a, twos_b)
-                twos_a, ones = csa(ones, x[4], x[5])
-                twos_b, ones = csa(ones, x[6], x[7])
-                fours_b, twos = csa(twos, twos_a, twos_b)
-                eights_a, fours = csa(fours, fours_a, fours_b)
-                twos_a, ones = csa(ones, x[8], x[9])
-                twos_b, ones = csa(ones, x[10], x[11])
-                fours_a, twos = csa(twos, twos_a, twos_b)
-                twos_a, ones = csa(ones, x[12], x[13])
-                twos_b, ones = csa(ones, x[14], x[15])
-                fours_b, twos = csa(twos, twos_a, twos_b)
-                eights_b, fours = csa(fours, fours_a, fours_b)
-                carry, eights = csa(eights, eights_a, eights_b)
+                eights_in = []
+                for half in (0, 8):  # each half of the 16 words carries one weight-8 vector
+                    fours_in = []
+                    for q in (half, half + 4):  # each quarter carries one weight-4 vector
+                        twos_a, ones = csa(ones, x[q], x[q + 1])
+                        twos_b, ones = csa(ones, x[q + 2], x[q + 3])
+                        carry, twos = csa(twos, twos_a, twos_b)
+                        fours_in.append(carry)
+                    carry, fours = csa(fours, *fours_in)
+                    eights_in.append(carry)
+                carry, eights = csa(eights, *eights_in)
                 sixteens = builder.add(sixteens, builder.call(ctpop, [carry]))
                 for p, v in zip(acc[r], (ones, twos, fours, eights, sixteens)):
                     builder.store(v, p)
