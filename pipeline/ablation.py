@@ -27,7 +27,7 @@ import polars as pl
 from pipeline import tables
 from pipeline.config import add_arguments, from_args, opt
 from pipeline.errors import UserError
-from pipeline.storage import DEFAULT_ROOT, Storage, atomic_path
+from pipeline.storage import Storage, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def summarize(effects: pl.DataFrame) -> pl.DataFrame:
 def plot_effects(summary: pl.DataFrame, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from pipeline.plots import _save
+    from pipeline.plots import save_png
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     methods = [s.split("_t")[0] for s in summary["subset"]]
@@ -269,7 +269,7 @@ def plot_effects(summary: pl.DataFrame, path: Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle("Subsets (lines) vs random controls of the same per-layer sizes (dashed, ±1 sd)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def register(sub) -> None:
@@ -278,10 +278,10 @@ def register(sub) -> None:
     parser = add_stage_parser(
         sub, "ablate", "Ablate neuron subsets in generation and on held-out text, vs controls.",
         "  nwh ablate --run demo-corpus --subsets degree_t0.5_r0.01 --prompts examples/prompts.csv\n"
-        "  nwh ablate --run demo-corpus --subset-files ids.npy --mode mean --controls 10\n")
+        "  nwh ablate --run demo-corpus --subset-files ids.npy --mode mean --controls 10\n",
+        progress=True,
+    )
     add_arguments(parser, AblationConfig)
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_cli)
 
 

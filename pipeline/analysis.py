@@ -22,7 +22,7 @@ import pyarrow as pa
 from pipeline import arrays, tables
 from pipeline.config import add_arguments, from_args, opt
 from pipeline.errors import UserError
-from pipeline.storage import DEFAULT_ROOT, Storage
+from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def token_clusters(events: pa.Table, rows: np.ndarray, token_text: np.ndarray,
 def plot_analysis(out: dict[str, pl.DataFrame], directory: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    from pipeline.plots import _save
+    from pipeline.plots import save_png
 
     paths = []
     imp = out["important_neurons"]
@@ -159,7 +159,7 @@ def plot_analysis(out: dict[str, pl.DataFrame], directory: Path) -> list[Path]:
         ax.barh(labels[::-1], sub[col].to_list()[::-1], color="#3b6ea5")
         ax.set(title=f"Top neurons by {by}", xlabel=col)
     fig.tight_layout()
-    paths.append(_save(fig, directory / "important_neurons.png"))
+    paths.append(save_png(fig, directory / "important_neurons.png"))
 
     clusters = out["token_clusters"]
     fig, ax = plt.subplots(figsize=(7, 6))
@@ -167,7 +167,7 @@ def plot_analysis(out: dict[str, pl.DataFrame], directory: Path) -> list[Path]:
     ax.set(title="Token rows clustered by activation pattern (PCA)", xlabel="PC 1", ylabel="PC 2")
     fig.colorbar(sc, ax=ax, label="cluster")
     fig.tight_layout()
-    paths.append(_save(fig, directory / "token_clusters.png"))
+    paths.append(save_png(fig, directory / "token_clusters.png"))
 
     spec = out["specific_neurons"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -179,7 +179,7 @@ def plot_analysis(out: dict[str, pl.DataFrame], directory: Path) -> list[Path]:
            ylabel="neuron-key pairs")
     ax.legend()
     fig.tight_layout()
-    paths.append(_save(fig, directory / "specific_neurons.png"))
+    paths.append(save_png(fig, directory / "specific_neurons.png"))
     return paths
 
 
@@ -192,7 +192,6 @@ def register(sub) -> None:
         "  nwh analyze --run demo-prompts --min-token-count 2 --clusters 5\n"
         "  nwh sql \"select * from specific_neurons where kind = 'token' limit 20\"\n")
     add_arguments(parser, AnalysisConfig)
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
     parser.set_defaults(handler=_cli)
 
 

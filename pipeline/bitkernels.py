@@ -33,17 +33,6 @@ TILE_I = 96  # rows of a per parallel task (a multiple of ROWS)
 TILE_J = 16  # lane groups of b per block: 128 neurons, 128 KiB at 8,192 tokens, stays in L2
 
 
-@intrinsic
-def popcount64(typingctx, x):
-    """The hardware population count of a uint64 (LLVM ctpop -> popcnt)."""
-    sig = types.uint64(types.uint64)
-
-    def codegen(context, builder, signature, args):
-        return builder.ctpop(args[0])
-
-    return sig, codegen
-
-
 @njit(inline="always")
 def _transpose8x8(x):
     """Transpose the 8 x 8 bit matrix held in a uint64 (bit 8r + k <-> bit 8k + r)."""

@@ -52,12 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_stage_parser(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser:  # noqa: A002
-    """A stage's subparser with its examples in the epilog."""
-    return sub.add_parser(
+def add_stage_parser(sub, name: str, help: str, examples: str, *,  # noqa: A002
+                     progress: bool = False) -> argparse.ArgumentParser:
+    """A stage's subparser with its examples in the epilog, the `--storage` option every stage
+    takes, and `--quiet` for stages that show progress bars."""
+    from pipeline.storage import DEFAULT_ROOT
+
+    parser = sub.add_parser(
         name, help=help, description=help, epilog="Examples:\n" + examples,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
+    if progress:
+        parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

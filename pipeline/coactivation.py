@@ -38,7 +38,7 @@ import numpy as np
 from pipeline import arrays, tables
 from pipeline.config import add_arguments, from_args, opt
 from pipeline.errors import UserError
-from pipeline.storage import DEFAULT_ROOT, Storage
+from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -487,10 +487,9 @@ def register(sub) -> None:
         "  nwh coactivation --run demo-corpus --pairs 0:2,1:3 --engine sql\n"
         "  nwh coactivation --run demo-corpus --engine cuda --overwrite\n"
         "  nwh sql \"select * from coactivation_pairs\"\n",
+        progress=True,
     )
     add_arguments(parser, CoactivationConfig)
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--overwrite", action="store_true", help="recount pairs already counted")
     parser.set_defaults(handler=_cli)
 

@@ -25,7 +25,7 @@ import polars as pl
 from pipeline import tables
 from pipeline.config import add_arguments, from_args, opt
 from pipeline.errors import UserError
-from pipeline.storage import DEFAULT_ROOT, Storage, atomic_path, slug
+from pipeline.storage import Storage, atomic_path, slug
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,6 @@ def register(sub) -> None:
         "  nwh dormancy --run pythia-step1000 --revision step1000 --log-mode append --log-file p.csv\n",
     )
     add_arguments(parser, DormancyConfig)
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
     parser.set_defaults(handler=_cli)
 
     parser = add_stage_parser(
@@ -232,10 +231,9 @@ def register(sub) -> None:
         "  nwh dormancy-sweep --model zoo-s0 --log-file zoo_s0.csv\n"
         "  nwh dormancy-sweep --model EleutherAI/pythia-70m-deduped \\\n"
         "      --revisions 'step0 step1000 step143000' --corpus wikitext --num-samples 500\n",
+        progress=True,
     )
     add_arguments(parser, SweepConfig)
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_cli_sweep)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline import arrays, tables
 from pipeline.errors import UserError
-from pipeline.storage import DEFAULT_ROOT, Storage, atomic_path
+from pipeline.storage import Storage, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,6 @@ def register(sub) -> None:
     parser.add_argument("--prefix", help="file name prefix (default: the run's model name)")
     parser.add_argument("--edges", action=argparse.BooleanOptionalAction,
                         default=True, help="write the full edge list (large for big models)")
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
     parser.set_defaults(handler=_cli)
 
 

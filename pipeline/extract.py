@@ -37,7 +37,7 @@ from pipeline.accumulators import NeuronMoments, load_states, save_states
 from pipeline.config import add_arguments, from_args, opt, to_dict
 from pipeline.errors import UserError
 from pipeline.layers import parse_layers
-from pipeline.storage import DEFAULT_ROOT, Storage, read_json, slug, validate_run_id, write_json
+from pipeline.storage import Storage, read_json, slug, validate_run_id, write_json
 
 log = logging.getLogger(__name__)
 
@@ -533,17 +533,12 @@ def register(sub) -> None:
         "  nwh extract --model zoo-s0 --revision step64 --layers 0-1 --store-acts\n"
         "  nwh extract --model zoo-s1 --prompts prompts.csv --temperature 0.8 --top-k 50\n"
         "  nwh extract --model gpt2 --corpus wikitext --dataset-config wikitext-2-raw-v1\n",
+        progress=True,
     )
     add_arguments(parser, ExtractConfig)
-    add_common_arguments(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a run of the same name with a different configuration")
     parser.set_defaults(handler=_cli)
-
-
-def add_common_arguments(parser) -> None:
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _cli(args) -> int:

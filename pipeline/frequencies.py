@@ -15,7 +15,7 @@ import polars as pl
 
 from pipeline import arrays, tables
 from pipeline.errors import UserError
-from pipeline.storage import DEFAULT_ROOT, Storage
+from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,6 @@ def write_frame(frame: pl.DataFrame, out: str) -> None:
 def register(sub) -> None:
     from pipeline.cli import add_stage_parser
 
-    common = [("--storage", dict(default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")),
-              ("--out", dict(help="write the table to a .csv, .parquet or .json file"))]
     parser = add_stage_parser(
         sub, "frequencies", "Activation count and frequency per neuron (and moments with --summary).",
         "  nwh frequencies --run demo-corpus --out demo_neuron_frequency.csv\n"
@@ -115,8 +113,7 @@ def register(sub) -> None:
     parser.add_argument("--run", required=True, help="an extraction run")
     parser.add_argument("--summary", action="store_true",
                         help="mean, variance, skew, kurtosis and sparsity instead")
-    for flag, kw in common:
-        parser.add_argument(flag, **kw)
+    parser.add_argument("--out", help="write the table to a .csv, .parquet or .json file")
     parser.set_defaults(handler=_cli_frequencies)
 
     parser = add_stage_parser(
@@ -127,8 +124,7 @@ def register(sub) -> None:
     parser.add_argument("--neuron", type=int, required=True, help="neuron index within the layer")
     parser.add_argument("--k", type=int, default=20, help="rows (default 20)")
     parser.add_argument("--context", type=int, default=8, help="tokens of left context (default 8)")
-    for flag, kw in common:
-        parser.add_argument(flag, **kw)
+    parser.add_argument("--out", help="write the table to a .csv, .parquet or .json file")
     parser.set_defaults(handler=_cli_top)
 
     parser = add_stage_parser(
@@ -137,8 +133,7 @@ def register(sub) -> None:
     parser.add_argument("--run", required=True, help="an extraction run with dense activations")
     parser.add_argument("--layer", type=int, required=True, help="layer")
     parser.add_argument("--bins", type=int, default=50, help="bins (default 50)")
-    for flag, kw in common:
-        parser.add_argument(flag, **kw)
+    parser.add_argument("--out", help="write the table to a .csv, .parquet or .json file")
     parser.set_defaults(handler=_cli_histogram)
 
 

@@ -32,7 +32,7 @@ import polars as pl
 from pipeline import tables
 from pipeline.config import add_arguments, from_args, opt, to_dict
 from pipeline.errors import UserError
-from pipeline.storage import DEFAULT_ROOT, Storage, atomic_path, slug, write_json
+from pipeline.storage import Storage, atomic_path, slug, write_json
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def load_gradient_results(directory: str | Path) -> dict:
 def plot_gradients(results: dict, out: Path, modes: list[str], kind: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    from pipeline.plots import _save as save_png
+    from pipeline.plots import save_png
 
     paths = []
     for l, r in results.items():
@@ -281,10 +281,10 @@ def register(sub) -> None:
         sub, "gradients", "Loss-gradient importance of neurons (or of SAE features).",
         "  nwh gradients --model zoo-s0 --layers 0-3 --aggregation-mode both\n"
         "  nwh gradients --model zoo-s0 --sae ./sae-l2 --normalize-gradients\n"
-        "  nwh sql \"select layer, index, grad_mean_abs from neuron_gradients order by 3 desc limit 10\"\n")
+        "  nwh sql \"select layer, index, grad_mean_abs from neuron_gradients order by 3 desc limit 10\"\n",
+        progress=True,
+    )
     add_arguments(parser, GradientConfig)
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_cli)
 
 

@@ -29,7 +29,7 @@ import polars as pl
 from pipeline import arrays, tables
 from pipeline.config import add_arguments, from_args, opt
 from pipeline.errors import UserError
-from pipeline.storage import DEFAULT_ROOT, Storage
+from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def graph_stage(config: GraphConfig, storage: Storage) -> dict:
 def plot_threshold_analysis(analysis: pl.DataFrame, path, weight: str):
     import matplotlib.pyplot as plt
 
-    from pipeline.plots import _save
+    from pipeline.plots import save_png
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     t = analysis["threshold"].to_numpy()
@@ -292,7 +292,7 @@ def plot_threshold_analysis(analysis: pl.DataFrame, path, weight: str):
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def register(sub) -> None:
@@ -304,7 +304,6 @@ def register(sub) -> None:
         "  nwh graph --run demo-corpus --weight npmi --threshold 0.2 --thresholds -0.2 0 0.2 0.4\n"
         "  nwh sql \"select * from threshold_analysis where run_id = 'demo-corpus'\"\n")
     add_arguments(parser, GraphConfig)
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
     parser.set_defaults(handler=_cli)
 
 

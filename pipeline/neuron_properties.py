@@ -21,7 +21,7 @@ import polars as pl
 
 from pipeline import tables
 from pipeline.errors import UserError
-from pipeline.storage import DEFAULT_ROOT, Storage
+from pipeline.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,6 @@ def register(sub) -> None:
         "  nwh neuron-stats --run demo-corpus\n"
         "  nwh sql \"select layer, avg(vocab_kurt) from neuron_properties group by layer\"\n")
     parser.add_argument("--run", required=True, help="an extraction run (its model and moments)")
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
     parser.set_defaults(handler=_cli)
 
 

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from pipeline.errors import UserError  # noqa: E402
-from pipeline.storage import DEFAULT_ROOT, Storage, atomic_path  # noqa: E402
+from pipeline.storage import Storage, atomic_path  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ VIS_MODES = ("default", "cinematic", "cinematic_no_text")
 DPI = 100
 
 
-def _save(fig, path: Path, *, transparent: bool = False) -> Path:
+def save_png(fig, path: Path, *, transparent: bool = False) -> Path:
+    """Write a figure atomically as PNG and close it."""
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, transparent=transparent)
@@ -66,7 +67,7 @@ def plot_dormancy_over_steps(df: pl.DataFrame, path: Path) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_dormancy_heatmap(df: pl.DataFrame, path: Path) -> Path:
@@ -84,7 +85,7 @@ def plot_dormancy_heatmap(df: pl.DataFrame, path: Path) -> Path:
     ax.set(xlabel="training step", ylabel="layer", title="Dormant neurons (%) per layer")
     fig.colorbar(im, ax=ax, label="% dormant")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_layer_evolution(df: pl.DataFrame, path: Path, top: int = 5) -> Path:
@@ -102,7 +103,7 @@ def plot_layer_evolution(df: pl.DataFrame, path: Path, top: int = 5) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # -- per-sample activation maps (the reference's visualize_sample_activations)
@@ -155,7 +156,7 @@ def plot_sample_activations(layers: Sequence[np.ndarray], path: Path, *, mode: s
     elif mode == "cinematic" and text:
         fig.text(0.5, 0.02, text[-150:], ha="center", fontsize=9, color="white", wrap=True)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
-    return _save(fig, path, transparent=cinematic)
+    return save_png(fig, path, transparent=cinematic)
 
 
 # -- histograms of arrays (node activation counts, edge weights, degrees)
@@ -176,7 +177,7 @@ def plot_histogram(values: np.ndarray, path: Path, *, title: str, xlabel: str, b
     ax.set(xlabel=xlabel, ylabel="count", title=title + note)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # -- stage: figures of a run and/or a dormancy log
@@ -239,7 +240,6 @@ def register(sub) -> None:
     parser.add_argument("--dormancy-log", help="a dormancy log CSV (reference format)")
     parser.add_argument("--save-prefix", default="", help="prefix of the dormancy figure names")
     parser.add_argument("--name", help="report folder name under storage/reports/")
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
     parser.set_defaults(handler=_cli)
 
 

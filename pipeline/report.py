@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.storage import DEFAULT_ROOT, Storage, atomic_path
+from pipeline.storage import Storage, atomic_path
 
 CAPTIONS = [
     (r"dormancy_over_steps", "Share of dormant neurons (tau-dormant) over training: mean, min and max across layers."),
@@ -97,7 +97,6 @@ def register(sub) -> None:
     parser.add_argument("--folders", nargs="+", required=True, help="report folders whose figures to show")
     parser.add_argument("--table", nargs=2, action="append", default=[], metavar=("NAME", "SQL"),
                         help="a table to link, written as CSV from a query (repeatable)")
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
     parser.set_defaults(handler=_cli)
 
 

@@ -29,7 +29,7 @@ from pipeline.graph import (
     no_edges_error,
     thresholded_edges,
 )
-from pipeline.storage import DEFAULT_ROOT, Storage, atomic_path
+from pipeline.storage import Storage, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,6 @@ def register(sub) -> None:
         "  nwh subset --run demo-corpus --threshold 0.5 --ratio 0.01 --method degree\n"
         "  nwh subset --run demo-corpus --method pagerank --weight jaccard --threshold 0.2\n")
     add_arguments(parser, SubsetConfig)
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
     parser.set_defaults(handler=_cli)
 
     parser = add_stage_parser(
@@ -177,7 +176,6 @@ def register(sub) -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.01], help="ratios")
     parser.add_argument("--methods", nargs="+", default=["degree"], help=f"of {', '.join(METHODS)}")
     parser.add_argument("--weight", default="normalized", choices=WEIGHTS, help="edge weight")
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
     parser.set_defaults(handler=_cli_grid)
 
 

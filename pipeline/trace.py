@@ -100,7 +100,6 @@ def trace(config: TraceConfig, storage: Storage) -> TraceResult:
 
 def register(sub) -> None:
     from pipeline.cli import add_stage_parser
-    from pipeline.extract import add_common_arguments
 
     parser = add_stage_parser(
         sub, "trace", "Activation vector of the last position of one text.",
@@ -108,7 +107,6 @@ def register(sub) -> None:
         '  nwh trace --model gpt2 --text "Hello, how are you?" --run hello\n',
     )
     add_arguments(parser, TraceConfig)
-    add_common_arguments(parser)
     parser.set_defaults(handler=_cli)
 
 

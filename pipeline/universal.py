@@ -27,7 +27,7 @@ import polars as pl
 from pipeline import arrays, tables
 from pipeline.config import add_arguments, from_args, opt
 from pipeline.errors import UserError
-from pipeline.storage import DEFAULT_ROOT, Storage, slug
+from pipeline.storage import Storage, slug
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def _compare_properties(loaded, moments, per_neuron: pl.DataFrame) -> pl.DataFra
 def _plots(summary: pl.DataFrame, neurons: pl.DataFrame, props: pl.DataFrame, out) -> None:
     import matplotlib.pyplot as plt
 
-    from pipeline.plots import _save
+    from pipeline.plots import save_png
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     ax.hist(summary["max_corr"].to_numpy(), bins=50, alpha=0.6, label="max correlation")
@@ -268,7 +268,7 @@ def _plots(summary: pl.DataFrame, neurons: pl.DataFrame, props: pl.DataFrame, ou
            ylabel="neurons x models")
     ax.legend()
     fig.tight_layout()
-    _save(fig, out / "universal_correlations.png")
+    save_png(fig, out / "universal_correlations.png")
 
     cols = ["w_in_norm", "w_out_norm", "in_out_sim", "vocab_kurt", "act_mean", "sparsity"]
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
@@ -283,14 +283,14 @@ def _plots(summary: pl.DataFrame, neurons: pl.DataFrame, props: pl.DataFrame, ou
         ax.legend(fontsize=8)
     fig.suptitle("Properties of universal vs other neurons (reference model)")
     fig.tight_layout()
-    _save(fig, out / "universal_properties.png")
+    save_png(fig, out / "universal_properties.png")
 
     layers = neurons.group_by("layer").agg(pl.col("universal").mean().alias("share")).sort("layer")
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.bar(layers["layer"].to_numpy(), 100 * layers["share"].to_numpy())
     ax.set(title="Universal neurons per layer", xlabel="layer", ylabel="% universal")
     fig.tight_layout()
-    _save(fig, out / "universal_layers.png")
+    save_png(fig, out / "universal_layers.png")
 
 
 def register(sub) -> None:
@@ -300,10 +300,10 @@ def register(sub) -> None:
         sub, "universal", "Neurons that correlate across models trained with different seeds.",
         "  nwh universal --models zoo-s0 zoo-s1 zoo-s2\n"
         "  nwh universal --models zoo-s0 zoo-s1 --baseline permutation --threshold 0.3\n"
-        "  nwh sql \"select * from universal_neurons where universal order by excess desc\"\n")
+        "  nwh sql \"select * from universal_neurons where universal order by excess desc\"\n",
+        progress=True,
+    )
     add_arguments(parser, UniversalConfig)
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_cli)
 
 

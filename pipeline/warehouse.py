@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from pipeline import tables
 from pipeline.errors import UserError
-from pipeline.storage import DEFAULT_ROOT, Storage
+from pipeline.storage import Storage
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 _VIEW = re.compile(r"create\s+or\s+replace\s+view\s+(\w+)", re.I)
@@ -187,7 +187,6 @@ def register(sub) -> None:
     parser.add_argument("query", help="a DuckDB SQL query")
     parser.add_argument("--out", help="write the result to a .csv, .parquet, .json or .ndjson file")
     parser.add_argument("--max-rows", type=int, default=40, help="rows to print (default 40)")
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
     parser.set_defaults(handler=_cli)
 
 

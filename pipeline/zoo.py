@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pipeline.config import add_arguments, from_args, opt, to_dict
 from pipeline.errors import UserError
-from pipeline.storage import DEFAULT_ROOT, Storage, atomic_path, read_json, write_json
+from pipeline.storage import Storage, atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -285,11 +285,10 @@ def register(sub) -> None:
     parser = add_stage_parser(
         sub, "zoo", "Build the embedded model zoo (tokenizer + tiny GPT-2 models with checkpoints).",
         "  nwh zoo\n  nwh zoo --names zoo-s0 zoo-s7 --steps 300\n  nwh zoo --force\n",
+        progress=True,
     )
     add_arguments(parser, ZooConfig)
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=_cli)
 
 
