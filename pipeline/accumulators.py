@@ -25,9 +25,9 @@ class NeuronMoments:
     min: np.ndarray = None  # type: ignore[assignment]
     max: np.ndarray = None  # type: ignore[assignment]
     active_count: np.ndarray = None  # type: ignore[assignment]
-    # partial sums still on an accelerator: kept there between blocks (no host sync per block),
-    # folded into the NumPy fields above by _sync() before anything reads them
-    _device: dict | None = field(default=None, repr=False, compare=False)
+    # torch partial sums of update(), on the device of the blocks, folded into the NumPy fields
+    # above by _sync() before anything reads them
+    _pending: dict | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in SUM_FIELDS:
@@ -40,56 +40,43 @@ class NeuronMoments:
     def update(self, acts) -> None:
         """Add a block of activations [tokens, width] (a torch tensor on any device, or NumPy).
 
-        A block on an accelerator is reduced there into device-resident float64 sums."""
+        The block is reduced where it lives into float64 partial sums kept there (no host sync
+        per block on an accelerator); _sync() folds them into the NumPy fields."""
         import torch
 
         x = torch.as_tensor(acts).reshape(-1, self.width)
-        if x.device.type == "cpu":
-            self._update_cpu(x)
-            return
-        if self._device is None:
-            self._device = {
-                "sums": torch.zeros((len(SUM_FIELDS), self.width), dtype=torch.float64, device=x.device),
-                "min": torch.full((self.width,), float("inf"), dtype=torch.float64, device=x.device),
-                "max": torch.full((self.width,), float("-inf"), dtype=torch.float64, device=x.device),
+        if self._pending is not None and self._pending["sums"].device != x.device:
+            self._sync()
+        if self._pending is None:
+            f64 = dict(dtype=torch.float64, device=x.device)
+            self._pending = {
+                "sums": torch.zeros((len(SUM_FIELDS), self.width), **f64),
+                "min": torch.full((self.width,), float("inf"), **f64),
+                "max": torch.full((self.width,), float("-inf"), **f64),
                 "active_count": torch.zeros(self.width, dtype=torch.int64, device=x.device),
             }
-        d = self._device
+        p = self._pending
         x64 = x.to(torch.float64)
         x2 = x64 * x64
-        d["sums"] += torch.stack([x64.sum(0), x2.sum(0), x64.abs().sum(0), (x2 * x64).sum(0),
+        p["sums"] += torch.stack([x64.sum(0), x2.sum(0), x64.abs().sum(0), (x2 * x64).sum(0),
                                   (x2 * x2).sum(0)])
         if x.shape[0]:
-            torch.minimum(d["min"], x64.amin(0), out=d["min"])
-            torch.maximum(d["max"], x64.amax(0), out=d["max"])
-        d["active_count"] += (x > self.active_threshold).sum(0)
-        self.count += x.shape[0]
-
-    def _update_cpu(self, x) -> None:
-        import torch
-
-        x = x.to(torch.float64)
-        x2 = x * x
-        for name, value in zip(SUM_FIELDS, (x.sum(0), x2.sum(0), x.abs().sum(0), (x2 * x).sum(0),
-                                            (x2 * x2).sum(0))):
-            self.sums[name] += value.numpy()
-        if x.shape[0]:
-            np.minimum(self.min, x.amin(0).numpy(), out=self.min)
-            np.maximum(self.max, x.amax(0).numpy(), out=self.max)
-        self.active_count += (x > self.active_threshold).sum(0).numpy()
+            torch.minimum(p["min"], x64.amin(0), out=p["min"])
+            torch.maximum(p["max"], x64.amax(0), out=p["max"])
+        p["active_count"] += (x > self.active_threshold).sum(0)
         self.count += x.shape[0]
 
     def _sync(self) -> None:
-        """Fold the device-resident partial sums into the NumPy fields (one transfer)."""
-        if self._device is None:
+        """Fold the partial sums of update() into the NumPy fields (one transfer)."""
+        if self._pending is None:
             return
-        d = {k: v.cpu().numpy() for k, v in self._device.items()}
+        p = {k: v.cpu().numpy() for k, v in self._pending.items()}
         for i, name in enumerate(SUM_FIELDS):
-            self.sums[name] = self.sums[name] + d["sums"][i]
-        self.min = np.minimum(self.min, d["min"])
-        self.max = np.maximum(self.max, d["max"])
-        self.active_count = self.active_count + d["active_count"]
-        self._device = None
+            self.sums[name] = self.sums[name] + p["sums"][i]
+        self.min = np.minimum(self.min, p["min"])
+        self.max = np.maximum(self.max, p["max"])
+        self.active_count = self.active_count + p["active_count"]
+        self._pending = None
 
     def update_and_pack(self, acts) -> tuple[np.ndarray, np.ndarray]:
         """Add a block [tokens, width] and return its packed active bits and active count per row.
