@@ -48,8 +48,13 @@ def export_run(storage: Storage, run: str, out_dir: Path, prefix: str, *,
     group = arrays.open_group(storage.arrays(run), mode="r")
     tokens = tables.read_partition(storage, "tokens", run).to_pydict()
     rows = manifest["rows"]
+    frequency_table = neuron_frequency(storage, run)
+    count = dict(zip(frequency_table["neuron_id"].to_list(),
+                     frequency_table["activation_count"].to_list()))
+    ever = np.array([k for k, n in enumerate(ids.tolist()) if count[n] > 0], np.int64)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
+    matrix_blocks = []  # the activation matrix's columns of each row block, from the same read
 
     # token-level dataset and active ids per row, streamed over row blocks
     dataset = out_dir / f"{prefix}_activation_dataset.csv"
@@ -66,6 +71,7 @@ def export_run(storage: Storage, run: str, out_dir: Path, prefix: str, *,
             for start in range(0, rows, BLOCK):
                 stop = min(start + BLOCK, rows)
                 block = _active_rows(group, layers, widths, start, stop)
+                matrix_blocks.append(block[:, ever].astype(np.int32))
                 for k, r in enumerate(range(start, stop)):
                     per_layer = [int(block[k, offsets[i]:offsets[i + 1]].sum())
                                  for i in range(len(layers))]
@@ -89,17 +95,14 @@ def export_run(storage: Storage, run: str, out_dir: Path, prefix: str, *,
 
     frequency = out_dir / f"{prefix}_neuron_frequency.csv"
     with atomic_path(frequency) as tmp:
-        neuron_frequency(storage, run).write_csv(tmp)
+        frequency_table.write_csv(tmp)
     paths.append(frequency)
 
     # samples x neurons that were ever active, as the reference builds it; int32 so that its
     # per-edge np.dot of two columns counts exactly (a uint8 dot wraps at 256)
     matrix_path = out_dir / f"{prefix}_activation_matrix.npz"
-    stats = tables.read_partition(storage, "neuron_stats", run)
-    count = dict(zip(stats["neuron_id"].to_pylist(), stats["active_count"].to_pylist()))
-    ever = np.array([k for k, n in enumerate(ids.tolist()) if count[n] > 0], np.int64)
-    matrix = np.concatenate([_active_rows(group, layers, widths, s, min(s + BLOCK, rows))[:, ever]
-                             for s in range(0, rows, BLOCK)]).astype(np.int32)
+    matrix = (np.concatenate(matrix_blocks) if matrix_blocks
+              else np.zeros((0, len(ever)), np.int32))
     neuron_ids = ids[ever]
     # the reference reads neuron_map with allow_pickle and .item(): a dict neuron id -> column
     neuron_map = np.array({int(n): k for k, n in enumerate(neuron_ids.tolist())}, dtype=object)
