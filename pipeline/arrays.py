@@ -33,7 +33,7 @@ def ensure_rows_array(
 
     Opened with write_empty_chunks: an all-zero chunk is written like any other instead of being
     compared with the fill value first, a check that costs more than the write itself (reads
-    are the same either way); this doubles the rate at which masks reach disk.
+    are the same either way); masks reach disk 1.7x (zstd) to 2x (uncompressed) faster.
     """
     if name not in group:
         group.create_array(

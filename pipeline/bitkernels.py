@@ -171,6 +171,8 @@ def and_popcount(a, b, out):
     Parallel over tiles of TILE_I rows of a; within a tile, b is walked in blocks of TILE_J lane
     groups (kept in cache across the tile's rows), a in ROWS-row steps.
     """
+    if not (a.flags.c_contiguous and b.flags.c_contiguous):
+        raise ValueError("and_popcount reads a and b through raw pointers: pass C-contiguous arrays")
     da, n_words = a.shape
     groups = b.shape[0]
     db = out.shape[1]

@@ -156,9 +156,13 @@ def test_load_local_folder(micro_model_dir, tmp_path):
     loaded = load_model(str(micro_model_dir), storage=Storage(tmp_path))
     assert loaded.source == "local" and loaded.adapter.family == "gpt2"
     assert loaded.widths == [40, 40, 40] and loaded.layer_offsets == [0, 40, 80]
-    on_cuda = torch.cuda.is_available()  # device auto: the GPU where there is one, in half precision
-    assert loaded.is_causal and loaded.device.type == ("cuda" if on_cuda else "cpu")
-    assert loaded.dtype == (torch.float32 if not on_cuda else loaded.dtype) and loaded.dtype.is_floating_point
+    # device auto: the GPU where there is one, in bfloat16 (float16 where bf16 is unsupported)
+    if torch.cuda.is_available():
+        half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        assert loaded.device.type == "cuda" and loaded.dtype == half
+    else:
+        assert loaded.device.type == "cpu" and loaded.dtype == torch.float32
+    assert loaded.is_causal
 
 
 def test_device_and_dtype_resolution():

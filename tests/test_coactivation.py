@@ -114,6 +114,11 @@ def test_kernel_input_checks():
         coactivation_counts(np.zeros((4, 2), np.uint8), np.zeros((4, 1), np.uint8), 9, 9)
     with pytest.raises(ValueError, match="same token rows"):
         coactivation_counts(np.zeros((4, 1), np.uint8), np.zeros((5, 1), np.uint8), 8, 8)
+    from pipeline.bitkernels import and_popcount
+
+    with pytest.raises(ValueError, match="C-contiguous"):  # the kernel reads raw pointers
+        and_popcount(np.zeros((3, 8), np.uint64)[:, ::2], np.zeros((1, 4, 8), np.uint64),
+                     np.zeros((3, 8), np.int64))
     if not CUDA:
         with pytest.raises(UserError, match="CUDA"):
             coactivation_counts(np.zeros((4, 1), np.uint8), np.zeros((4, 1), np.uint8), 8, 8,
