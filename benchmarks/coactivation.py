@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.coactivation import coactivation_counts, neuron_bitsets  # noqa: E402
+from pipeline.stages.coactivation import coactivation_counts, neuron_bitsets  # noqa: E402
 
 REFERENCE_POPCOUNT_S = 0.36  # 3072 x 3072 neurons over 8192 tokens on the 2-core reference machine
 

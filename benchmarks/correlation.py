@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/correlation.py                 # 8192 tokens, 4 of the 144 layer pairs
 
-Times pipeline.universal.PairCorrelation.update (float64 sums, the cross term a matrix product)
+Times pipeline.stages.universal.PairCorrelation.update (float64 sums, the cross term a matrix product)
 on random float32 activations, against the pure matrix product a.T @ b of the same shapes (the
 limit), then extrapolates to all 144 layer pairs and one million tokens. Memory is bounded by
 one pair's [3072, 3072] float64 block plus one token chunk: peak RSS is measured for N and 4N
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.universal import CHUNK, PairCorrelation  # noqa: E402
+from pipeline.stages.universal import CHUNK, PairCorrelation  # noqa: E402
 
 D, LAYERS = 3072, 12
 

@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.extract import ExtractConfig, extract, remove_run  # noqa: E402
-from pipeline.micro import save_random_gpt2, synthetic_texts  # noqa: E402
-from pipeline.storage import Storage  # noqa: E402
+from pipeline.stages.extract import ExtractConfig, extract, remove_run  # noqa: E402
+from pipeline.models.micro import save_random_gpt2, synthetic_texts  # noqa: E402
+from pipeline.core.storage import Storage  # noqa: E402
 
 GPT2_SMALL = dict(n_layer=12, d_model=768, n_head=12, d_mlp=3072, n_positions=1024,
                   vocab_size=50257)
@@ -53,8 +53,8 @@ def config(model_dir, corpus, tokens, args, **kw) -> ExtractConfig:
 
 def bare_forward(model_dir: Path, corpus: Path, args) -> float:
     """Tokens/s of the trunk alone over the same windows the extraction sees."""
-    from pipeline.extract import _corpus_units
-    from pipeline.models import load_model
+    from pipeline.stages.extract import _corpus_units
+    from pipeline.models.loading import load_model
 
     loaded = load_model(str(model_dir), storage=Storage(model_dir.parent), device=args.device,
                         for_generation=False)

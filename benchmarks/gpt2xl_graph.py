@@ -28,9 +28,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.coactivation import coactivation_counts  # noqa: E402
-from pipeline.graph import build_graph, threshold_analysis  # noqa: E402
-from pipeline.subsets import centrality, subset_size, top_k  # noqa: E402
+from pipeline.stages.coactivation import coactivation_counts  # noqa: E402
+from pipeline.stages.graph import build_graph, threshold_analysis  # noqa: E402
+from pipeline.stages.subsets import centrality, subset_size, top_k  # noqa: E402
 
 
 def peak_gb() -> float:

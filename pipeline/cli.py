@@ -12,27 +12,27 @@ import importlib
 import logging
 import sys
 
-from pipeline.errors import UserError
+from pipeline.core.errors import UserError
 
 # stage modules in processing order; each has register(subparsers)
 STAGE_MODULES = [
-    "pipeline.zoo",
-    "pipeline.extract",
-    "pipeline.trace",
-    "pipeline.coactivation",
-    "pipeline.graph",
-    "pipeline.subsets",
-    "pipeline.ablation",
-    "pipeline.neuron_properties",
-    "pipeline.gradients",
-    "pipeline.universal",
-    "pipeline.report",
-    "pipeline.dormancy",
-    "pipeline.frequencies",
-    "pipeline.analysis",
-    "pipeline.plots",
-    "pipeline.export",
-    "pipeline.warehouse",
+    "pipeline.models.zoo",
+    "pipeline.stages.extract",
+    "pipeline.stages.trace",
+    "pipeline.stages.coactivation",
+    "pipeline.stages.graph",
+    "pipeline.stages.subsets",
+    "pipeline.stages.ablation",
+    "pipeline.stages.neuron_properties",
+    "pipeline.stages.gradients",
+    "pipeline.stages.universal",
+    "pipeline.report.html",
+    "pipeline.stages.dormancy",
+    "pipeline.stages.frequencies",
+    "pipeline.stages.analysis",
+    "pipeline.report.plots",
+    "pipeline.stages.export",
+    "pipeline.core.warehouse",
 ]
 
 
@@ -56,7 +56,7 @@ def add_stage_parser(sub, name: str, help: str, examples: str, *,  # noqa: A002
                      progress: bool = False) -> argparse.ArgumentParser:
     """A stage's subparser with its examples in the epilog, the `--storage` option every stage
     takes, and `--quiet` for stages that show progress bars."""
-    from pipeline.storage import DEFAULT_ROOT
+    from pipeline.core.storage import DEFAULT_ROOT
 
     parser = sub.add_parser(
         name, help=help, description=help, epilog="Examples:\n" + examples,

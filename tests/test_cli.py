@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline import arrays
+from pipeline.core import arrays
 from pipeline.cli import main
-from pipeline.storage import Storage
+from pipeline.core.storage import Storage
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_sql_error_is_one_line(warehouse, capsys):
 
 
 def test_sql_array_macros(warehouse):
-    from pipeline.warehouse import connect
+    from pipeline.core.warehouse import connect
 
     group = arrays.open_group(warehouse.arrays("w"), mode="r")
     acts = group["acts/L2"][:].astype(np.float64)

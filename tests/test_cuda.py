@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import arrays, tables
-from pipeline.ablation import AblationConfig, ablate
-from pipeline.accumulators import NeuronMoments
-from pipeline.coactivation import CoactivationConfig, coactivation, coactivation_counts, read_counts
-from pipeline.extract import ExtractConfig, extract
-from pipeline.gradients import GradientConfig, gradients
-from pipeline.storage import Storage
-from pipeline.trace import TraceConfig, trace
+from pipeline.core import arrays, tables
+from pipeline.stages.ablation import AblationConfig, ablate
+from pipeline.kernels.accumulators import NeuronMoments
+from pipeline.stages.coactivation import CoactivationConfig, coactivation, coactivation_counts, read_counts
+from pipeline.stages.extract import ExtractConfig, extract
+from pipeline.stages.gradients import GradientConfig, gradients
+from pipeline.core.storage import Storage
+from pipeline.stages.trace import TraceConfig, trace
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

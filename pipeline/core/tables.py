@@ -1,0 +1,100 @@
+"""Warehouse tables: schemas declared once in schemas/<table>.json, validated on every write.
+
+A table lives at tables/<table>/run_id=<run_id>/part-*.parquet. Writes go to a temporary file
+renamed into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.core.storage import Storage, atomic_path
+
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
+
+_TYPES: dict[str, pa.DataType] = {
+    "bool": pa.bool_(),
+    "int8": pa.int8(),
+    "int16": pa.int16(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
+    "string": pa.string(),
+    "list<int64>": pa.list_(pa.int64()),
+    "list<int32>": pa.list_(pa.int32()),
+    "list<float64>": pa.list_(pa.float64()),
+}
+
+
+class SchemaError(ValueError):
+    """Data handed to a table does not match its declared schema (a bug, not user input)."""
+
+
+@functools.lru_cache(maxsize=None)
+def schema(table: str) -> pa.Schema:
+    spec = json.loads((SCHEMA_DIR / f"{table}.json").read_text())
+    fields = [
+        pa.field(c["name"], _TYPES[c["type"]], nullable=c.get("nullable", False),
+                 metadata={"doc": c.get("doc", "")})
+        for c in spec["columns"]
+    ]
+    return pa.schema(fields, metadata={"doc": spec.get("doc", "")})
+
+
+def table_names() -> list[str]:
+    return sorted(p.stem for p in SCHEMA_DIR.glob("*.json"))
+
+
+def to_arrow(table: str, data: pa.Table | Mapping[str, Any]) -> pa.Table:
+    """Cast `data` (an Arrow table or a dict of columns) to the table's schema, or raise SchemaError."""
+    target = schema(table)
+    if not isinstance(data, pa.Table):
+        data = pa.table(dict(data))
+    missing = [n for n in target.names if n not in data.column_names]
+    extra = [n for n in data.column_names if n not in target.names]
+    if missing or extra:
+        raise SchemaError(f"table {table}: missing columns {missing}, unexpected columns {extra}")
+    data = data.select(target.names)
+    try:
+        out = data.cast(target, safe=True)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
+        raise SchemaError(f"table {table}: {e}") from e
+    for field in target:
+        if not field.nullable and out.column(field.name).null_count:
+            raise SchemaError(f"table {table}: column {field.name} has nulls")
+    return out
+
+
+def write_part(storage: Storage, table: str, run_id: str, data: Any, part: str = "part-0") -> Path:
+    """Write one validated Parquet file of a run's partition, atomically."""
+    arrow = to_arrow(table, data)
+    path = storage.table_partition(table, run_id) / f"{part}.parquet"
+    with atomic_path(path) as tmp:
+        pq.write_table(arrow, tmp, compression="zstd")
+    return path
+
+
+def drop_partition(storage: Storage, table: str, run_id: str) -> None:
+    shutil.rmtree(storage.table_partition(table, run_id), ignore_errors=True)
+
+
+def drop_partition_parts(storage: Storage, table: str, run_id: str, prefix: str) -> None:
+    """Remove the parts of a run's partition whose name starts with `prefix` (before a rewrite)."""
+    for part in storage.table_partition(table, run_id).glob(f"{prefix}*.parquet"):
+        part.unlink()
+
+
+def read_partition(storage: Storage, table: str, run_id: str) -> pa.Table:
+    """All parts of a run's partition, in part-name order, with the declared schema."""
+    parts = sorted(storage.table_partition(table, run_id).glob("*.parquet"))
+    if not parts:
+        return schema(table).empty_table()
+    return pa.concat_tables([pq.read_table(p, schema=schema(table)) for p in parts])

@@ -1,0 +1,206 @@
+"""The warehouse in SQL: a DuckDB connection with one view per table and macros over Zarr arrays.
+
+    nwh sql "select layer, count(*) from neuron_stats group by layer"
+    nwh sql "select * from neuron_values('zoo-s0_stdlib', 'acts', 2, 3) order by value desc limit 20"
+    nwh sql --out stats.parquet "select * from neuron_stats"
+
+Stage queries live in sql/<name>.sql and run with bound parameters ($name), never with string
+formatting of values.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from pipeline.core import tables
+from pipeline.core.errors import UserError
+from pipeline.core.storage import Storage
+
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+_VIEW = re.compile(r"create\s+or\s+replace\s+view\s+(\w+)", re.I)
+
+
+@functools.lru_cache(maxsize=None)
+def load_sql(name: str) -> str:
+    path = SQL_DIR / f"{name}.sql"
+    if not path.exists():
+        raise FileNotFoundError(f"no query sql/{name}.sql")
+    return path.read_text()
+
+
+def _statements(text: str) -> list[str]:
+    lines = [ln for ln in text.splitlines() if not ln.strip().startswith("--")]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def connect(storage: Storage) -> duckdb.DuckDBPyConnection:
+    """In-memory DuckDB over the warehouse: views of sql/views.sql and the array macros."""
+    con = duckdb.connect()
+    root = str(storage.root.resolve())
+    con.execute(f"set file_search_path = '{_quote(root)}'")
+    for stmt in _statements(load_sql("views")):
+        table = _VIEW.search(stmt).group(1)
+        if any(storage.table_dir(table).glob("*/*.parquet")):
+            con.execute(stmt)
+        else:  # no data yet: an empty view with the declared columns
+            empty = tables.schema(table).empty_table().append_column("run_id", pa.array([], pa.string()))
+            con.register(f"_empty_{table}", empty)
+            con.execute(f"create or replace view {table} as select * from _empty_{table}")
+    _register_array_functions(con, storage)
+    for stmt in _statements(load_sql("array_macros")):
+        con.execute(stmt)
+    return con
+
+
+def _quote(path: str) -> str:
+    # the storage root is a setting, not a value bound into a query; DuckDB's SET takes no parameters
+    return path.replace("'", "''")
+
+
+def query(con: duckdb.DuckDBPyConnection, name: str, **params: Any):
+    """Run sql/<name>.sql with bound parameters; returns a polars DataFrame."""
+    return con.execute(load_sql(name), params).pl()
+
+
+# -- Zarr access from SQL
+
+
+def _register_array_functions(con: duckdb.DuckDBPyConnection, storage: Storage) -> None:
+    from pipeline.core import arrays
+
+    cache: dict[tuple[str, str, int], Any] = {}
+
+    def array_of(run: str, kind: str, layer: int):
+        key = (run, kind, layer)
+        if key not in cache:
+            if kind not in ("acts", "active"):
+                raise ValueError(f"kind must be 'acts' or 'active', not {kind!r}")
+            path = storage.arrays(run)
+            if not path.exists():
+                raise ValueError(f"run {run!r} has no arrays in {storage.root}")
+            group = arrays.open_group(path, mode="r")
+            if f"{kind}/L{layer}" not in group:
+                hint = " (dense activations need --store-acts)" if kind == "acts" else ""
+                raise ValueError(f"run {run!r} has no {kind} array for layer {layer}{hint}")
+            width = (_run_widths(storage, run)[layer] if kind == "active"
+                     else group[f"{kind}/L{layer}"].shape[1])
+            cache[key] = (group[f"{kind}/L{layer}"], width)
+        return cache[key]
+
+    def values(kind: str, array, width: int, rows: slice, neuron: int | None) -> np.ndarray:
+        if kind == "acts":
+            block = array[rows] if neuron is None else array[rows, neuron]
+            return np.asarray(block, dtype=np.float64).reshape(-1)
+        if neuron is not None:
+            byte = np.asarray(array[rows, neuron // 8])
+            return ((byte >> (neuron % 8)) & 1).astype(np.float64)
+        return arrays.unpack_mask(np.asarray(array[rows]), width).astype(np.float64).reshape(-1)
+
+    def as_lists(chunks: list[np.ndarray]) -> pa.Array:
+        offsets = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
+        flat = np.concatenate(chunks) if chunks else np.zeros(0)
+        return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+    def zarr_column(run, kind, layer, neuron):
+        out = []
+        for r, k, l, n in zip(run.to_pylist(), kind.to_pylist(), layer.to_pylist(), neuron.to_pylist()):
+            array, width = array_of(r, k, l)
+            if not 0 <= n < width:
+                raise ValueError(f"neuron {n} is out of range for layer {l} (width {width})")
+            out.append(values(k, array, width, slice(None), n))
+        return as_lists(out)
+
+    def zarr_block(run, kind, layer, start, stop):
+        out = []
+        for r, k, l, a, b in zip(run.to_pylist(), kind.to_pylist(), layer.to_pylist(),
+                                 start.to_pylist(), stop.to_pylist()):
+            array, width = array_of(r, k, l)
+            out.append(values(k, array, width, slice(a, b), None))
+        return as_lists(out)
+
+    def zarr_width(run, kind, layer):
+        return pa.array([array_of(r, k, l)[1] for r, k, l in
+                         zip(run.to_pylist(), kind.to_pylist(), layer.to_pylist())], pa.int64())
+
+    V, I, B = duckdb.sqltype("VARCHAR"), duckdb.sqltype("INTEGER"), duckdb.sqltype("BIGINT")
+    dbl_list = duckdb.list_type(duckdb.sqltype("DOUBLE"))
+    con.create_function("zarr_column", zarr_column, [V, V, I, I], dbl_list, type="arrow")
+    con.create_function("zarr_block", zarr_block, [V, V, I, B, B], dbl_list, type="arrow")
+    con.create_function("zarr_width", zarr_width, [V, V, I], B, type="arrow")
+
+
+def _run_widths(storage: Storage, run: str) -> list[int]:
+    from pipeline.core.storage import read_json
+
+    return read_json(storage.run_manifest(run))["model"]["widths"]
+
+
+# -- CLI
+
+
+def run_query(storage: Storage, sql: str, out: str | None = None) -> Any:
+    """Run an ad-hoc query; print-ready relation, or write it to `out` (.csv/.parquet/.json)."""
+    con = connect(storage)
+    try:
+        rel = con.sql(sql)
+        if rel is None:
+            return None
+        frame = rel.pl()
+    except duckdb.Error as e:
+        message = " ".join(str(e).split())
+        raise UserError(f"query failed: {message}") from None
+    finally:
+        con.close()
+    if out:
+        suffix = Path(out).suffix.lower()
+        writers = {".csv": frame.write_csv, ".parquet": frame.write_parquet,
+                   ".json": frame.write_json, ".ndjson": frame.write_ndjson}
+        if suffix not in writers:
+            raise UserError(f"--out {out!r}: use a .csv, .parquet, .json or .ndjson file name")
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        writers[suffix](out)
+    return frame
+
+
+def register(sub) -> None:
+    from pipeline.cli import add_stage_parser
+
+    parser = add_stage_parser(
+        sub, "sql", "Ask SQL of the warehouse (DuckDB): views per table, macros over arrays.",
+        '  nwh sql "select run_id, model, num_rows from runs"\n'
+        '  nwh sql "select layer, avg(active_count / count) from neuron_stats group by layer"\n'
+        "  nwh sql \"select t.token, v.value from neuron_values('RUN', 'acts', 2, 3) v\n"
+        "           join tokens t on t.run_id = 'RUN' and t.row = v.row\n"
+        '           order by v.value desc limit 20"\n'
+        '  nwh sql --out stats.csv "select * from neuron_stats"\n\n'
+        "Views: " + ", ".join(tables.table_names()) + ".\n"
+        "Macros: neuron_values(run, kind, layer, neuron), "
+        "layer_values(run, kind, layer, row_start, row_stop); kind is 'acts' or 'active'.",
+    )
+    parser.add_argument("query", help="a DuckDB SQL query")
+    parser.add_argument("--out", help="write the result to a .csv, .parquet, .json or .ndjson file")
+    parser.add_argument("--max-rows", type=int, default=40, help="rows to print (default 40)")
+    parser.set_defaults(handler=_cli)
+
+
+def _cli(args) -> int:
+    import polars as pl
+
+    from pipeline.cli import echo
+
+    frame = run_query(Storage(args.storage), args.query, args.out)
+    if frame is None:
+        return 0
+    if args.out:
+        echo(f"wrote {frame.height} rows to {args.out}")
+    else:
+        with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
+            echo(frame)
+    return 0

@@ -1,0 +1,1 @@
+"""Compute kernels: numba/LLVM bit kernels, union-find, streaming accumulators."""

@@ -1,0 +1,1 @@
+"""Models: architecture adapters, loading (zoo, local folders, the hub), hooks, generation, the zoo and micro models."""

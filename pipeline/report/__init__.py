@@ -1,0 +1,1 @@
+"""Figures drawn from warehouse tables, and the HTML report."""

@@ -1,0 +1,268 @@
+"""Figures (matplotlib, PNG): dormancy over training, sample activation maps, histograms.
+
+    nwh plots --run demo-corpus --rows 0,50,200 --vis-mode cinematic --figure-rows 2
+    nwh plots --dormancy-log dormancy_zoo-s0.csv --name zoo-s0-dormancy
+
+Every function writes one PNG and returns its path; figures land under storage/reports/<name>/.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+
+from pipeline.core.errors import UserError  # noqa: E402
+from pipeline.core.storage import Storage, atomic_path  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+VIS_MODES = ("default", "cinematic", "cinematic_no_text")
+DPI = 100
+
+
+def save_png(fig, path: Path, *, transparent: bool = False) -> Path:
+    """Write a figure atomically as PNG and close it."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI, transparent=transparent)
+    plt.close(fig)
+    return path
+
+
+# -- dormancy over checkpoints (input: rows of the dormancy log / table)
+
+
+def _by_step(df: pl.DataFrame) -> pl.DataFrame:
+    if df.is_empty():
+        raise UserError("the dormancy log has no rows: run `nwh dormancy` or a sweep first")
+    if df["step"].null_count() == df.height:
+        df = df.with_columns(pl.col("revision").rank("dense").cast(pl.Int64).alias("step"))
+    return df.sort("step", "layer_index")
+
+
+def plot_dormancy_over_steps(df: pl.DataFrame, path: Path) -> Path:
+    """Mean, min and max % dormant across layers, per training step."""
+    agg = _by_step(df).group_by("step").agg(
+        pl.col("pct_dormant").mean().alias("mean"), pl.col("pct_dormant").min().alias("min"),
+        pl.col("pct_dormant").max().alias("max")).sort("step")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = agg["step"].to_numpy()
+    ax.fill_between(steps, agg["min"].to_numpy(), agg["max"].to_numpy(), alpha=0.25,
+                    label="min-max over layers")
+    ax.plot(steps, agg["mean"].to_numpy(), marker="o", label="mean over layers")
+    if (steps > 0).sum() > 1 and steps.max() / max(steps[steps > 0].min(), 1) > 20:
+        ax.set_xscale("symlog", linthresh=max(1, steps[steps > 0].min()))
+    model = df["model"][0] if "model" in df.columns else ""
+    ax.set(xlabel="training step", ylabel="dormant neurons (%)",
+           title=f"Dormant neurons over training {model}".strip())
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def plot_dormancy_heatmap(df: pl.DataFrame, path: Path) -> Path:
+    """Layer x checkpoint heatmap of % dormant."""
+    df = _by_step(df)
+    steps = sorted(set(df["step"].to_list()))
+    layers = sorted(set(df["layer_index"].to_list()))
+    grid = np.full((len(layers), len(steps)), np.nan)
+    for r in df.iter_rows(named=True):
+        grid[layers.index(r["layer_index"]), steps.index(r["step"])] = r["pct_dormant"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(steps) + 3), max(3.5, 0.35 * len(layers) + 2)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+    ax.set_xticks(range(len(steps)), [str(s) for s in steps], rotation=45, ha="right")
+    ax.set_yticks(range(len(layers)), [str(l) for l in layers])
+    ax.set(xlabel="training step", ylabel="layer", title="Dormant neurons (%) per layer")
+    fig.colorbar(im, ax=ax, label="% dormant")
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def plot_layer_evolution(df: pl.DataFrame, path: Path, top: int = 5) -> Path:
+    """% dormant over training of the `top` layers whose dormancy varies most."""
+    df = _by_step(df)
+    spread = df.group_by("layer_index").agg(pl.col("pct_dormant").std().fill_null(0).alias("sd"))
+    chosen = spread.sort("sd", descending=True)["layer_index"].head(top).to_list()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for layer in sorted(chosen):
+        sub = df.filter(pl.col("layer_index") == layer)
+        ax.plot(sub["step"].to_numpy(), sub["pct_dormant"].to_numpy(), marker="o",
+                label=f"layer {layer}")
+    ax.set(xlabel="training step", ylabel="dormant neurons (%)",
+           title=f"Most variable layers (top {len(chosen)} by std of % dormant)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+# -- per-sample activation maps (the reference's visualize_sample_activations)
+
+
+def _grid(values: np.ndarray) -> np.ndarray:
+    side = math.ceil(math.sqrt(values.size))
+    rows = math.ceil(values.size / side)
+    out = np.full(rows * side, np.nan)
+    out[: values.size] = values
+    return out.reshape(rows, side)
+
+
+def plot_sample_activations(layers: Sequence[np.ndarray], path: Path, *, mode: str = "default",
+                            figure_rows: int = 1, text: str = "", title: str = "") -> Path:
+    """One heatmap per layer of a token row's neurons (active = 1 or activation values)."""
+    if mode not in VIS_MODES:
+        raise UserError(f"--vis-mode {mode!r} is unknown: use one of {', '.join(VIS_MODES)}")
+    if figure_rows < 1:
+        raise UserError("--figure-rows must be at least 1")
+    n = len(layers)
+    rows = min(figure_rows, n)
+    cols = math.ceil(n / rows)
+    cinematic = mode != "default"
+    bg = "black" if cinematic else "#0b1d51"
+    cmap = matplotlib.colors.LinearSegmentedColormap.from_list(
+        "act", ["black", "white"] if cinematic else ["#0b1d51", "#ff2a2a"])
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols + 0.5, 2.2 * rows + 1.2),
+                             squeeze=False)
+    if not cinematic:
+        fig.patch.set_facecolor("white")
+    for k, ax in enumerate(axes.ravel()):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if k >= n:
+            ax.axis("off")
+            continue
+        values = np.asarray(layers[k], dtype=np.float64)
+        ax.set_facecolor(bg)
+        ax.imshow(_grid(values), cmap=cmap, vmin=0, vmax=max(1e-9, np.nanmax(values)),
+                  interpolation="nearest")
+        for spine in ax.spines.values():
+            spine.set_visible(not cinematic)
+        if mode == "default":
+            ax.set_title(f"layer {k}: {int((values > 0).sum())}/{values.size} active", fontsize=8)
+    if mode == "default":
+        fig.suptitle(title or "Neuron activations", fontsize=11)
+        if text:
+            fig.text(0.5, 0.01, text[-150:], ha="center", fontsize=8, wrap=True)
+    elif mode == "cinematic" and text:
+        fig.text(0.5, 0.02, text[-150:], ha="center", fontsize=9, color="white", wrap=True)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    return save_png(fig, path, transparent=cinematic)
+
+
+# -- histograms of arrays (node activation counts, edge weights, degrees)
+
+
+def plot_histogram(values: np.ndarray, path: Path, *, title: str, xlabel: str, bins: int = 50,
+                   log_y: bool = True, sample: int = 2_000_000, seed: int = 0) -> Path:
+    """Histogram of `values`, sampled down to `sample` values when there are more."""
+    values = np.asarray(values).ravel()
+    note = ""
+    if values.size > sample:
+        values = np.random.default_rng(seed).choice(values, sample, replace=False)
+        note = f" (sample of {sample:,})"
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.hist(values, bins=bins, color="#3b6ea5", edgecolor="white", linewidth=0.3)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel="count", title=title + note)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+# -- stage: figures of a run and/or a dormancy log
+
+
+def run_figures(storage: Storage, run: str, *, rows: Sequence[int] = (0,), mode: str = "default",
+                figure_rows: int = 1, name: str | None = None) -> list[Path]:
+    """Sample activation maps of the given token rows and the node activation-count histogram."""
+    from pipeline.core import arrays, tables
+    manifest = storage.finished_run(run)
+    out_dir = storage.reports(name or run)
+    group = arrays.open_group(storage.arrays(run), mode="r")
+    layers = manifest["model"]["layers"]
+    widths = manifest["model"]["widths"]
+    # activation values when every layer was stored densely, else the active bits
+    use_acts = set(layers) <= set(manifest["model"].get("dense_layers", []))
+    tokens = tables.read_partition(storage, "tokens", run)
+    paths = []
+    for row in rows:
+        if not 0 <= row < manifest["rows"]:
+            raise UserError(f"row {row} is out of range: run {run!r} has rows 0-{manifest['rows'] - 1}")
+        values = [group[f"acts/L{l}"][row].astype(np.float64).clip(0) if use_acts
+                  else arrays.unpack_mask(group[f"active/L{l}"][row:row + 1], widths[l])[0].astype(float)
+                  for l in layers]
+        sample = tokens["sample"][row].as_py()
+        position = tokens["position"][row].as_py()
+        samples = tokens["sample"].to_numpy()
+        positions = tokens["position"].to_numpy()
+        sel = np.flatnonzero((samples == sample) & (positions <= position))
+        text = "".join(tokens["token"].take(sel).to_pylist())
+        paths.append(plot_sample_activations(
+            values, out_dir / f"sample_{row}_{mode}.png", mode=mode, figure_rows=figure_rows,
+            text=text, title=f"{run}: row {row} (sample {sample}, position {position})"))
+    stats = tables.read_partition(storage, "neuron_stats", run)
+    paths.append(plot_histogram(stats["active_count"].to_numpy(), out_dir / "node_activation_counts.png",
+                                title="Node activation counts", xlabel="token rows where active"))
+    return paths
+
+
+def dormancy_figures(df: pl.DataFrame, out_dir: Path, prefix: str = "") -> list[Path]:
+    return [plot_dormancy_over_steps(df, out_dir / f"{prefix}dormancy_over_steps.png"),
+            plot_dormancy_heatmap(df, out_dir / f"{prefix}dormancy_heatmap.png"),
+            plot_layer_evolution(df, out_dir / f"{prefix}dormancy_layer_evolution.png")]
+
+
+def register(sub) -> None:
+    from pipeline.cli import add_stage_parser
+
+    parser = add_stage_parser(
+        sub, "plots", "Figures of a run (sample activation maps) and of a dormancy log.",
+        "  nwh plots --run demo-corpus --rows 0,50,200\n"
+        "  nwh plots --run demo-corpus --rows 7 --vis-mode cinematic --figure-rows 2\n"
+        "  nwh plots --dormancy-log zoo-s0_dormancy.csv --name zoo-s0 --save-prefix zoo_\n")
+    parser.add_argument("--run", help="an extraction run")
+    parser.add_argument("--rows", default="0", help="token rows (sample ids), e.g. 0,50,200")
+    parser.add_argument("--vis-mode", default="default", choices=VIS_MODES,
+                        help="default (blue/red with text), cinematic (black/white, input text), "
+                        "cinematic_no_text")
+    parser.add_argument("--figure-rows", type=int, default=1, help="rows of layer panels")
+    parser.add_argument("--dormancy-log", help="a dormancy log CSV (reference format)")
+    parser.add_argument("--save-prefix", default="", help="prefix of the dormancy figure names")
+    parser.add_argument("--name", help="report folder name under storage/reports/")
+    parser.set_defaults(handler=_cli)
+
+
+def _cli(args) -> int:
+    from pipeline.cli import echo
+    from pipeline.stages.dormancy import read_log
+
+    storage = Storage(args.storage)
+    if not args.run and not args.dormancy_log:
+        raise UserError("give --run and/or --dormancy-log")
+    paths = []
+    if args.run:
+        try:
+            rows = [int(r) for r in args.rows.split(",")]
+        except ValueError:
+            raise UserError(f"--rows {args.rows!r} is malformed: use e.g. 0,50,200") from None
+        paths += run_figures(storage, args.run, rows=rows, mode=args.vis_mode,
+                             figure_rows=args.figure_rows, name=args.name)
+    if args.dormancy_log:
+        if not Path(args.dormancy_log).exists():
+            raise UserError(f"--dormancy-log {args.dormancy_log!r} does not exist")
+        out_dir = storage.reports(args.name or Path(args.dormancy_log).stem)
+        paths += dormancy_figures(read_log(args.dormancy_log), out_dir, args.save_prefix)
+    for p in paths:
+        echo(p)
+    return 0
