@@ -178,8 +178,9 @@ demo: zoo ## the whole chain on the zoo, ending in storage/reports/demo/index.ht
 test: $(STAMP) ## run the test suite
 	$(VENV)/bin/python -m pytest -n 2 tests
 
-lint: $(STAMP) ## ruff over the code
+lint: $(STAMP) ## ruff, and the layering contract of pyproject.toml (import-linter)
 	$(VENV)/bin/ruff check pipeline tests benchmarks
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP) ## extraction throughput and memory benchmark (figures printed; benchmarks/README.md)
 	$(VENV)/bin/python benchmarks/extraction.py

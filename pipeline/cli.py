@@ -1,8 +1,9 @@
-"""`nwh` / `python -m pipeline`: one subcommand per stage, each a thin layer over a stage function.
+"""`nwh` / `python -m pipeline`: one subcommand per stage, generated from the stage's config.
 
-Each stage module defines `register(subparsers)`, which adds its parser and sets `handler`
-(a function of the parsed args returning an exit code or None). Heavy imports (torch,
-transformers) happen inside the handlers, so `nwh sql` starts fast.
+Each stage module lists `STAGES`: entries naming a config dataclass (whose fields, with their
+help, become the options), a `run(config, storage)` function, how to show its result and which
+figures of pipeline.report to draw from the tables it wrote. Heavy imports (torch,
+transformers) happen inside the stage functions, so `nwh sql` starts fast.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import importlib
 import logging
 import sys
 
+from pipeline.core.config import Stage, add_arguments, from_args
 from pipeline.core.errors import UserError
 
-# stage modules in processing order; each has register(subparsers)
+# stage modules in processing order; each lists STAGES
 STAGE_MODULES = [
-    "pipeline.models.zoo",
+    "pipeline.stages.zoo",
     "pipeline.stages.extract",
     "pipeline.stages.trace",
     "pipeline.stages.coactivation",
@@ -28,11 +30,12 @@ STAGE_MODULES = [
     "pipeline.stages.universal",
     "pipeline.report.html",
     "pipeline.stages.dormancy",
+    "pipeline.flows",
     "pipeline.stages.frequencies",
     "pipeline.stages.analysis",
     "pipeline.report.plots",
     "pipeline.stages.export",
-    "pipeline.core.warehouse",
+    "pipeline.stages.query",
 ]
 
 
@@ -48,24 +51,46 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name in STAGE_MODULES:
-        importlib.import_module(name).register(sub)
+        module = importlib.import_module(name)
+        if hasattr(module, "STAGES"):
+            for stage in module.STAGES:
+                add_stage(sub, stage)
+        else:  # a module not yet converted to STAGES
+            module.register(sub)
     return parser
 
 
-def add_stage_parser(sub, name: str, help: str, examples: str, *,  # noqa: A002
-                     progress: bool = False) -> argparse.ArgumentParser:
-    """A stage's subparser with its examples in the epilog, the `--storage` option every stage
-    takes, and `--quiet` for stages that show progress bars."""
+def add_stage(sub, stage: Stage) -> argparse.ArgumentParser:
+    """A stage's subparser: --storage, the config's options, its examples in the epilog."""
     from pipeline.core.storage import DEFAULT_ROOT
 
     parser = sub.add_parser(
-        name, help=help, description=help, epilog="Examples:\n" + examples,
+        stage.name, help=stage.help, description=stage.help,
+        epilog="Examples:\n" + stage.examples,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
-    if progress:
-        parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--storage", default=str(DEFAULT_ROOT),
+                        help=f"warehouse root (default: {DEFAULT_ROOT})")
+    add_arguments(parser, stage.config)
+    parser.set_defaults(stage_entry=stage)
     return parser
+
+
+def run_stage(stage: Stage, args: argparse.Namespace) -> int:
+    from pipeline.core.storage import Storage
+
+    config = from_args(stage.config, args)
+    storage = Storage(args.storage)
+    result = stage.run(config, storage)
+    if stage.figures:
+        module, function = stage.figures.split(":")
+        for path in getattr(importlib.import_module(module), function)(result, config, storage) or []:
+            echo(f"figure: {path}")
+    if stage.show is not None:
+        text = stage.show(result)
+        if text:
+            echo(text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,16 +101,32 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        code = args.handler(args)
+        if not hasattr(args, "stage_entry"):
+            return int(args.handler(args) or 0)
+        return int(run_stage(args.stage_entry, args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: committed work is kept; run the same command to resume", file=sys.stderr)
         return 130
-    return int(code or 0)
 
 
 def echo(*parts: object) -> None:
-    """User-facing output of a CLI handler (library code logs instead)."""
+    """User-facing output (library code logs instead)."""
     print(*parts)
+
+
+def add_stage_parser(sub, name: str, help: str, examples: str, *,  # noqa: A002
+                     progress: bool = False) -> argparse.ArgumentParser:
+    """Parser of a module not yet converted to STAGES."""
+    from pipeline.core.storage import DEFAULT_ROOT
+
+    parser = sub.add_parser(
+        name, help=help, description=help, epilog="Examples:\n" + examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
+    if progress:
+        parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser

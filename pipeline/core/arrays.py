@@ -80,3 +80,17 @@ def unpack_mask(packed: np.ndarray, width: int) -> np.ndarray:
 
 def layer_array(group: zarr.Group, kind: str, layer: int) -> zarr.Array:
     return group[f"{kind}/L{layer}"]
+
+
+# -- co-activation count arrays coact/L<a>_L<b>
+
+
+def pair_name(a: int, b: int) -> str:
+    """Zarr path of the counts of layers a and b in a run's group."""
+    return f"coact/L{a}_L{b}"
+
+
+def parse_pair_key(key: str) -> tuple[int, int]:
+    """(a, b) of a pair key 'L<a>_L<b>' (the name of an array in the coact group)."""
+    a, b = key.split("/")[-1].split("_")
+    return int(a[1:]), int(b[1:])

@@ -1,17 +1,25 @@
 """Stage configs are dataclasses; their field metadata become the CLI's options and --help.
 
-A field declares its help with `field(default=..., metadata={"help": "...", "flag": "--x"})`.
-`add_arguments` turns a dataclass into argparse options and `from_args` builds the config back,
-so each stage's CLI is a thin layer over its config (validated in `__post_init__`).
+A field declares its help with `opt(default, help="...")`. `add_arguments` turns a dataclass
+into argparse options and `from_args` builds the config back, so each stage's CLI is generated
+from its config (validated in `__post_init__`). Options that many stages share are declared
+once here: `ModelOptions` (model, revision, device, dtype, trust-remote-code) and
+`WindowOptions` (corpus windows). A stage is registered by a `Stage` entry naming its config,
+its `run(config, storage)` and how the CLI shows its result.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import types
 import typing
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+from pipeline.core.errors import UserError
 
 T = TypeVar("T")
 
@@ -36,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         tp, _ = _base_type(hints[f.name])
         help_text = f.metadata.get("help", "")
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, help=help_text, metavar=f.metadata.get("metavar"))
+            continue
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (
             f.default if f.default is not dataclasses.MISSING else f.default_factory()
@@ -49,6 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kwargs: dict[str, Any] = {"dest": f.name, "help": help_text}
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
+        if "metavar" in f.metadata:
+            kwargs["metavar"] = f.metadata["metavar"]
         if typing.get_origin(tp) in (list, tuple):
             inner = typing.get_args(tp)[0]
             kwargs.update(nargs="+", type=inner)
@@ -89,9 +102,93 @@ def to_dict(config: Any) -> dict[str, Any]:
     return out
 
 
+def config_hash(config: Any, **extra: Any) -> str:
+    """Hash of the fields that change a result (fields declared with hash=False are left out),
+    plus `extra` resolved values (a resolved dtype, an input fingerprint)."""
+    d = {f.name: v for f, v in ((f, to_dict(config)[f.name]) for f in dataclasses.fields(config))
+         if f.metadata.get("hash", True)}
+    d.update(extra)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def opt(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:  # noqa: A002
-    """Shorthand for a config field with CLI help."""
+    """A config field with CLI help; meta: choices, flag, metavar, positional, cli=False, hash=False."""
     meta["help"] = help
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def at_least(config: Any, minimum: int | float, *names: str) -> None:
+    """One-line error for the first of `names` below `minimum`."""
+    for name in names:
+        if getattr(config, name) < minimum:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {minimum}, got "
+                            f"{getattr(config, name)}")
+
+
+# -- options shared by many stages, declared once
+
+
+@dataclass(kw_only=True)
+class ModelOptions:
+    """The model a stage loads (extract, trace, ablate, gradients, universal, neuron-stats)."""
+
+    model: str = opt(help="zoo name (zoo-s0), local folder (./my-model) or hub id (gpt2, "
+                     "EleutherAI/pythia-70m-deduped)")
+    revision: str | None = opt(None, help="checkpoint: zoo subfolder (step256) or hub git "
+                               "revision (step1000); default the final one")
+    device: str = opt("auto", help="auto (CUDA when present), cpu, cuda or cuda:N", hash=False)
+    dtype: str = opt("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, "
+                     "bfloat16", hash=False)
+    trust_remote_code: bool = opt(False, help="allow model code from the hub (off unless asked)")
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of models.loading.load_model."""
+        return {"device": self.device, "dtype": self.dtype,
+                "trust_remote_code": self.trust_remote_code}
+
+
+@dataclass(kw_only=True)
+class WindowOptions:
+    """Corpus windows: documents joined by EOS and cut into windows of max_length tokens."""
+
+    corpus: str = opt("stdlib", help="stdlib, stdlib:heldout, a .txt/.jsonl/.parquet/.csv file, "
+                      "or a datasets hub name")
+    dataset_config: str | None = opt(None, help="config name of a hub dataset (wikitext-2-raw-v1)")
+    split: str = opt("train", help="split of a hub dataset")
+    text_column: str = opt("text", help="text column of a file or dataset")
+    num_samples: int = opt(64, help="corpus windows")
+    max_length: int = opt(128, help="tokens per window")
+    batch_size: int = opt(8, help="windows per forward pass", hash=False)
+
+    min_window = 1  # the next-token loss needs 2
+
+    def check_windows(self) -> None:
+        at_least(self, 1, "num_samples", "batch_size")
+        at_least(self, self.min_window, "max_length")
+
+
+@dataclass(kw_only=True)
+class Progress:
+    quiet: bool = opt(False, help="no progress bars", hash=False)
+
+    @property
+    def progress(self) -> bool:
+        return not self.quiet
+
+
+# -- the stage registry
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One `nwh` subcommand: a config, its run(config, storage) and how the CLI shows results."""
+
+    name: str
+    help: str
+    examples: str
+    config: type
+    run: Callable[..., Any]
+    show: Callable[[Any], str] | None = None   # text printed after the run
+    figures: str | None = None                 # pipeline.report.figures function drawing it

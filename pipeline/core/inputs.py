@@ -8,6 +8,8 @@ used when the hub or its cache is reachable).
 from __future__ import annotations
 
 import csv
+import hashlib
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -124,6 +126,33 @@ def iter_windows(
             made += 1
         if made >= num_samples:
             return
+
+
+def corpus_windows(options, tokenizer) -> Iterator[list[int]]:
+    """The windows of a stage's WindowOptions (corpus, num_samples, max_length, ...), streamed.
+
+    The first window is read before this returns, so a corpus that gives none fails at once
+    with a one-line error, before the stage writes anything."""
+    docs = iter_documents(options.corpus, dataset_config=options.dataset_config,
+                          split=options.split, text_column=options.text_column)
+    windows = iter_windows(docs, tokenizer, max_length=options.max_length,
+                           num_samples=options.num_samples)
+    first = next(windows, None)
+    if first is None:
+        raise UserError(f"corpus {options.corpus!r} gives no window of {options.max_length} "
+                        "tokens: lower --max-length or give more text")
+    return itertools.chain([first], windows)
+
+
+def input_fingerprint(path: str | Path | None) -> str | None:
+    """sha256 of a local input file (corpus or prompts), so a resume sees a changed file."""
+    if path is None or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 # -- prompts CSV

@@ -13,9 +13,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -105,27 +108,102 @@ class Storage:
 # -- atomic writes: write to a temporary name in the same folder, then rename
 
 
+def _temp_name(path: Path, kind: str) -> Path:
+    # pid, thread and a random token: two writers (processes or threads) never share a name
+    token = f"{os.getpid()}-{threading.get_ident() % 100000}-{secrets.token_hex(3)}"
+    return path.with_name(f".{path.name}.{kind}-{token}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    A file replaces a file in one rename. A folder replaces a folder (empty or not) by moving
+    the old one aside first, renaming the new one in, then deleting the old one: a reader sees
+    the old or the new folder, and a crash in between leaves the old one under a hidden name
+    that `clean_temporaries` removes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = _temp_name(path, "tmp")
     try:
         yield tmp
-        os.replace(tmp, path)
+        if tmp.is_dir() and path.is_dir():
+            old = _temp_name(path, "old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
-        if tmp.exists():
-            if tmp.is_dir():
-                shutil.rmtree(tmp)
-            else:
-                tmp.unlink()
+        _remove(tmp)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def clean_temporaries(directory: Path) -> int:
+    """Remove the temporary files and folders that interrupted atomic writes left in a folder."""
+    removed = 0
+    for p in Path(directory).glob(".*.tmp-*"):
+        _remove(p)
+        removed += 1
+    for p in Path(directory).glob(".*.old-*"):
+        _remove(p)
+        removed += 1
+    return removed
 
 
 def write_json(path: Path, data: Any) -> None:
+    """JSON written to a temporary file, fsynced, then renamed: a manifest survives a crash."""
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+# -- completion markers: a stage's resolved config and the hash that says its work is done
+
+
+def marker_path(storage: Storage, owner: str, stage: str, key: str = "") -> Path:
+    """runs/<owner>/stages/<stage>[-<key>].json: beside the outputs of the run (or result) owner."""
+    name = f"{stage}-{key}" if key else stage
+    return storage.run_dir(owner) / "stages" / f"{slug(name)}.json"
+
+
+def finished_marker(path: Path, config_hash: str) -> dict | None:
+    """The marker at `path` when it records this config hash (the work is done), else None."""
+    if not path.exists():
+        return None
+    marker = read_json(path)
+    return marker if marker.get("config_hash") == config_hash else None
+
+
+def write_marker(path: Path, config: dict, config_hash: str, **summary: Any) -> None:
+    """Written last, after every output of the stage is in place."""
+    write_json(path, {"config": config, "config_hash": config_hash,
+                      "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      **summary})

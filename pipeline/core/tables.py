@@ -98,3 +98,25 @@ def read_partition(storage: Storage, table: str, run_id: str) -> pa.Table:
     if not parts:
         return schema(table).empty_table()
     return pa.concat_tables([pq.read_table(p, schema=schema(table)) for p in parts])
+
+
+FRAME_FORMATS = (".csv", ".parquet", ".json", ".ndjson")
+
+
+def write_frame(frame, out: str | Path) -> Path:
+    """Write a polars DataFrame to a .csv, .parquet, .json or .ndjson file, atomically (the one
+    writer of every `--out`)."""
+    from pipeline.core.errors import UserError
+
+    out = Path(out)
+    suffix = out.suffix.lower()
+    writers = {".csv": frame.write_csv, ".parquet": frame.write_parquet,
+               ".json": frame.write_json, ".ndjson": frame.write_ndjson}
+    if suffix not in writers:
+        raise UserError(f"--out {str(out)!r}: use a file name ending in "
+                        f"{', '.join(FRAME_FORMATS)}")
+    if out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a folder: give a file name")
+    with atomic_path(out) as tmp:
+        writers[suffix](tmp)
+    return out

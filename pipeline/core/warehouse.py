@@ -56,7 +56,33 @@ def connect(storage: Storage) -> duckdb.DuckDBPyConnection:
     _register_array_functions(con, storage)
     for stmt in _statements(load_sql("array_macros")):
         con.execute(stmt)
+    add_moment_macros(con)
     return con
+
+
+def add_moment_macros(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    """The central-moment macros of sql/moments.sql on a connection."""
+    for stmt in _statements(load_sql("moments")):
+        con.execute(stmt)
+    return con
+
+
+def central_moments(n, shift, s1, s2, s3, s4) -> dict[str, np.ndarray]:
+    """Mean, var, skew, kurt (E[z^4]) of each entry from power sums about `shift`, computed by
+    the macros of sql/moments.sql (the one definition), for NumPy arrays of equal length."""
+    arrays_ = [np.broadcast_to(np.asarray(v, dtype=np.float64), np.shape(s1))
+               for v in (n, shift, s1, s2, s3, s4)]
+    con = add_moment_macros(duckdb.connect())
+    try:
+        con.register("power_sums", pa.table({
+            "idx": np.arange(len(arrays_[2]), dtype=np.int64),
+            **{k: np.ascontiguousarray(v) for k, v in zip(("n", "shift", "s1", "s2", "s3", "s4"),
+                                                       arrays_)}}))
+        got = con.sql(load_sql("central_moments")).fetchnumpy()
+    finally:
+        con.close()
+    return {k: np.asarray(got[k], dtype=np.float64) if not hasattr(got[k], "filled")
+            else got[k].astype(np.float64).filled(np.nan) for k in ("mean", "var", "skew", "kurt")}
 
 
 def _quote(path: str) -> str:
@@ -142,65 +168,15 @@ def _run_widths(storage: Storage, run: str) -> list[int]:
     return read_json(storage.run_manifest(run))["model"]["widths"]
 
 
-# -- CLI
-
-
-def run_query(storage: Storage, sql: str, out: str | None = None) -> Any:
-    """Run an ad-hoc query; print-ready relation, or write it to `out` (.csv/.parquet/.json)."""
+def query_frame(storage: Storage, sql: str):
+    """An ad-hoc query over the warehouse as a polars DataFrame (None for a statement without
+    result); a failing query is a one-line UserError."""
     con = connect(storage)
     try:
         rel = con.sql(sql)
-        if rel is None:
-            return None
-        frame = rel.pl()
+        return None if rel is None else rel.pl()
     except duckdb.Error as e:
         message = " ".join(str(e).split())
         raise UserError(f"query failed: {message}") from None
     finally:
         con.close()
-    if out:
-        suffix = Path(out).suffix.lower()
-        writers = {".csv": frame.write_csv, ".parquet": frame.write_parquet,
-                   ".json": frame.write_json, ".ndjson": frame.write_ndjson}
-        if suffix not in writers:
-            raise UserError(f"--out {out!r}: use a .csv, .parquet, .json or .ndjson file name")
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        writers[suffix](out)
-    return frame
-
-
-def register(sub) -> None:
-    from pipeline.cli import add_stage_parser
-
-    parser = add_stage_parser(
-        sub, "sql", "Ask SQL of the warehouse (DuckDB): views per table, macros over arrays.",
-        '  nwh sql "select run_id, model, num_rows from runs"\n'
-        '  nwh sql "select layer, avg(active_count / count) from neuron_stats group by layer"\n'
-        "  nwh sql \"select t.token, v.value from neuron_values('RUN', 'acts', 2, 3) v\n"
-        "           join tokens t on t.run_id = 'RUN' and t.row = v.row\n"
-        '           order by v.value desc limit 20"\n'
-        '  nwh sql --out stats.csv "select * from neuron_stats"\n\n'
-        "Views: " + ", ".join(tables.table_names()) + ".\n"
-        "Macros: neuron_values(run, kind, layer, neuron), "
-        "layer_values(run, kind, layer, row_start, row_stop); kind is 'acts' or 'active'.",
-    )
-    parser.add_argument("query", help="a DuckDB SQL query")
-    parser.add_argument("--out", help="write the result to a .csv, .parquet, .json or .ndjson file")
-    parser.add_argument("--max-rows", type=int, default=40, help="rows to print (default 40)")
-    parser.set_defaults(handler=_cli)
-
-
-def _cli(args) -> int:
-    import polars as pl
-
-    from pipeline.cli import echo
-
-    frame = run_query(Storage(args.storage), args.query, args.out)
-    if frame is None:
-        return 0
-    if args.out:
-        echo(f"wrote {frame.height} rows to {args.out}")
-    else:
-        with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
-            echo(frame)
-    return 0

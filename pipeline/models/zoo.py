@@ -1,7 +1,6 @@
 """The embedded default: a tokenizer and tiny GPT-2 models trained locally on the stdlib corpus.
 
-    nwh zoo                 # builds zoo-s0, zoo-s1, zoo-s2 (cached: a second run does nothing)
-    nwh zoo --force         # rebuild
+Built by `nwh zoo` (pipeline/stages/zoo.py); model loading resolves zoo names here.
 
 Layout (under the storage root):
     models/zoo-tokenizer/               byte-level BPE tokenizer (Hugging Face format)
@@ -14,8 +13,6 @@ used for universal neurons; checkpoints mirror Pythia's `step<k>` revisions.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import re
@@ -23,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.config import add_arguments, from_args, opt, to_dict
+from pipeline.core.config import config_hash, opt, to_dict
 from pipeline.core.errors import UserError
 from pipeline.core.storage import Storage, atomic_path, read_json, write_json
 
@@ -35,7 +32,7 @@ TOKENIZER_DIR = "zoo-tokenizer"
 
 
 @dataclass
-class ZooConfig:
+class ZooSpec:
     names: list[str] = opt(["zoo-s0", "zoo-s1", "zoo-s2"], help="models to build; the seed is the trailing number")
     n_layer: int = opt(4, help="transformer blocks")
     d_model: int = opt(128, help="residual width")
@@ -74,7 +71,7 @@ class ZooConfig:
         return int(re.search(r"(\d+)$", name).group(1))
 
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(to_dict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return config_hash(self)
 
 
 # -- public lookups used by model loading
@@ -114,7 +111,7 @@ def zoo_revision_dir(storage: Storage, name: str, revision: str | None) -> Path:
 # -- building
 
 
-def _train_tokenizer(config: ZooConfig, texts, directory: Path):
+def _train_tokenizer(config: ZooSpec, texts, directory: Path):
     from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2TokenizerFast
 
@@ -177,7 +174,7 @@ def _save_checkpoint(model, tokenizer, directory: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def _train_model(config: ZooConfig, name: str, tokenizer, train, heldout, storage: Storage,
+def _train_model(config: ZooSpec, name: str, tokenizer, train, heldout, storage: Storage,
                  progress: bool) -> dict:
     import torch
     from tqdm.auto import tqdm
@@ -228,7 +225,7 @@ def _train_model(config: ZooConfig, name: str, tokenizer, train, heldout, storag
             "heldout_loss": losses, "train_seconds": round(time.perf_counter() - t0, 2)}
 
 
-def build_zoo(config: ZooConfig, storage: Storage, *, force: bool = False,
+def build_zoo(config: ZooSpec, storage: Storage, *, force: bool = False,
               progress: bool = True) -> dict:
     """Build (or reuse) the zoo; returns the manifest."""
     import torch
@@ -274,33 +271,3 @@ def build_zoo(config: ZooConfig, storage: Storage, *, force: bool = False,
     manifest["build_seconds"] = round(time.perf_counter() - t0, 1)
     write_json(storage.models_dir() / MANIFEST, manifest)
     return manifest
-
-
-# -- CLI
-
-
-def register(sub) -> None:
-    from pipeline.cli import add_stage_parser
-
-    parser = add_stage_parser(
-        sub, "zoo", "Build the embedded model zoo (tokenizer + tiny GPT-2 models with checkpoints).",
-        "  nwh zoo\n  nwh zoo --names zoo-s0 zoo-s7 --steps 300\n  nwh zoo --force\n",
-        progress=True,
-    )
-    add_arguments(parser, ZooConfig)
-    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
-    parser.set_defaults(handler=_cli)
-
-
-def _cli(args) -> int:
-    from pipeline.cli import echo
-
-    manifest = build_zoo(from_args(ZooConfig, args), Storage(args.storage), force=args.force,
-                         progress=not args.quiet)
-    echo(f"{'model':<10} {'revision':<10} held-out loss (nats/token)")
-    for name, info in manifest["models"].items():
-        for rev in info["revisions"]:
-            echo(f"{name:<10} {rev:<10} {info['heldout_loss'][rev]:.4f}")
-    echo(f"unigram baseline: {manifest['unigram_heldout_loss']:.4f} nats/token "
-         f"({manifest['tokens']['train']} train tokens, vocab {manifest['vocab_size']})")
-    return 0

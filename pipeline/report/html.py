@@ -47,7 +47,8 @@ def caption(stem: str) -> str:
 
 def write_report(storage: Storage, name: str, folders: list[str], tables_sql: dict[str, str]) -> Path:
     """index.html over the PNGs of `folders` (report folder names) and CSVs of `tables_sql`."""
-    from pipeline.core.warehouse import run_query
+    from pipeline.core.tables import write_frame
+    from pipeline.core.warehouse import query_frame
 
     out = storage.reports(name)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +67,8 @@ def write_report(storage: Storage, name: str, folders: list[str], tables_sql: di
     links = []
     for table, sql in tables_sql.items():
         path = out / "tables" / f"{table}.csv"
-        frame = run_query(storage, sql, str(path))
+        frame = query_frame(storage, sql)
+        write_frame(frame, path)
         links.append(f'<li><a href="tables/{html.escape(table)}.csv">{html.escape(table)}</a> '
                      f"({frame.height} rows)</li>")
     page = f"""<!doctype html>

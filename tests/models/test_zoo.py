@@ -12,7 +12,7 @@ from pipeline.core.errors import UserError
 from pipeline.models.loading import load_model
 from pipeline.core.stdlib_corpus import collect_documents, is_heldout, split_documents
 from pipeline.core.storage import Storage
-from pipeline.models.zoo import ZooConfig, build_zoo, zoo_revision_dir, zoo_revisions
+from pipeline.models.zoo import ZooSpec as ZooConfig, build_zoo, zoo_revision_dir, zoo_revisions
 
 TINY = dict(names=["zoo-s0", "zoo-s1"], n_layer=2, d_model=32, n_head=2, d_mlp=64, n_ctx=32,
             vocab_size=512, steps=12, batch_size=4, checkpoints=[0, 4], heldout_tokens=2048)
