@@ -30,7 +30,7 @@ out_arg = $(if $(OUT),--out $(OUT),)
 THRESHOLD ?= 0.1
 REVISIONS ?=
 LOG_FILE ?=
-ROWS ?= 0,50,200
+ROWS ?= 0 50 200
 VIS_MODE ?= default
 OUT_DIR ?= exports
 METHOD ?= degree
@@ -90,7 +90,7 @@ frequencies: $(STAMP) ## activation count and frequency per neuron: RUN=... OUT=
 analyze: $(STAMP) ## important, token/position-specific, consistent neurons, token clusters: RUN=...
 	$(NWH) analyze --storage $(STORAGE) --run $(RUN) $(ARGS)
 
-plots: $(STAMP) ## sample activation maps of a run: RUN=... ROWS=0,50,200 VIS_MODE=default|cinematic|cinematic_no_text
+plots: $(STAMP) ## sample activation maps of a run: RUN=... ROWS="0 50 200" VIS_MODE=default|cinematic|cinematic_no_text
 	$(NWH) plots --storage $(STORAGE) --run $(RUN) --rows $(ROWS) --vis-mode $(VIS_MODE) $(ARGS)
 
 export: $(STAMP) ## the reference scripts' files of a run: RUN=... OUT_DIR=exports
@@ -122,58 +122,101 @@ gradients: zoo ## loss-gradient importance of neurons (or SAE features, ARGS="--
 report: $(STAMP) ## static HTML page of the demo's figures: storage/reports/demo/index.html
 	$(NWH) report --storage $(STORAGE) --name demo --folders demo demo-corpus demo-prompts \
 		universal_zoo-s0_zoo-s1_zoo-s2 gradients_neurons_zoo-s0_all \
-		--table runs "select * from runs" \
-		--table dormancy "select * from dormancy order by run_id, layer_index" \
-		--table threshold_analysis "select * from threshold_analysis" \
-		--table subsets "select * from subsets order by subset, rank" \
-		--table ablation_effects "select * from ablation_effects order by subset, kind, control_index" \
-		--table universal_neurons "select * from universal_neurons order by excess desc" \
-		--table neuron_properties "select * from neuron_properties order by neuron_id" \
-		--table neuron_gradients "select * from neuron_gradients order by grad_mean_abs desc"
+		--tables "runs=select * from runs" \
+		"dormancy=select * from dormancy order by run_id, layer_index" \
+		"threshold_analysis=select * from threshold_analysis" \
+		"subsets=select * from subsets order by subset, rank" \
+		"ablation_effects=select * from ablation_effects order by subset, kind, control_index" \
+		"universal_neurons=select * from universal_neurons order by excess desc" \
+		"neuron_properties=select * from neuron_properties order by neuron_id" \
+		"neuron_gradients=select * from neuron_gradients order by grad_mean_abs desc"
 
-demo: zoo ## the whole chain on the zoo, ending in storage/reports/demo/index.html
-	$(NWH) extract --storage $(STORAGE) --model zoo-s0 --corpus stdlib --num-samples 256 \
+# -- the demo: a chain of file targets, each the completion marker a stage writes last
+# (runs/<run>/stages/<stage>.json) or its last output, so an interrupted `make demo` resumes
+# where it stopped
+
+S := $(STORAGE)
+ZOO_DONE := $(S)/models/zoo.json
+CORPUS_DONE := $(S)/runs/demo-corpus/stages/extract.json
+PROMPTS_DONE := $(S)/runs/demo-prompts/stages/extract.json
+TRACE_DONE := $(S)/runs/demo-trace/stages/trace.json
+SWEEP_DONE := $(S)/runs/dormancy-sweep_zoo-s0/stages/dormancy-sweep.json
+DORMANCY_FIGS := $(S)/reports/demo/dormancy_heatmap.png
+COACT_DONE := $(S)/runs/demo-corpus/stages/coactivation-adjacent.json
+ANALYZE_PROMPTS := $(S)/runs/demo-prompts/stages/analyze.json
+ANALYZE_CORPUS := $(S)/runs/demo-corpus/stages/analyze.json
+SAMPLE_FIGS := $(S)/reports/demo/sample_30_cinematic.png
+EXPORT_DONE := $(S)/reports/demo/exports/zoo-s0_activation_matrix.npz
+GRAPH_DONE := $(S)/runs/demo-corpus/stages/graph-normalized-0.5.json
+GRID_DONE := $(S)/runs/demo-corpus/stages/subset-grid.json
+ABLATE_DONE := $(S)/runs/demo-corpus/stages/ablate-zero.json
+NSTATS_DONE := $(S)/runs/demo-corpus/stages/neuron-stats.json
+UNIVERSAL_DONE := $(S)/runs/universal_zoo-s0_zoo-s1_zoo-s2/stages/universal.json
+GRADIENTS_DONE := $(S)/runs/gradients_neurons_zoo-s0_all/stages/gradients.json
+REPORT_DONE := $(S)/reports/demo/index.html
+DEMO_SUBSETS := degree_t0.5_r0.0025 degree_t0.5_r0.005 degree_t0.5_r0.01 pagerank_t0.5_r0.005 \
+	pagerank_t0.5_r0.01 coreness_t0.5_r0.01
+
+$(ZOO_DONE): | $(STAMP)
+	$(NWH) zoo --storage $(S) --quiet
+$(CORPUS_DONE): $(ZOO_DONE)
+	$(NWH) extract --storage $(S) --model zoo-s0 --corpus stdlib --num-samples 256 \
 		--store-acts --run demo-corpus --quiet
-	$(NWH) extract --storage $(STORAGE) --model zoo-s0 --prompts examples/prompts.csv \
+$(PROMPTS_DONE): $(ZOO_DONE)
+	$(NWH) extract --storage $(S) --model zoo-s0 --prompts examples/prompts.csv \
 		--seed 42 --temperature 0.8 --top-k 50 --run demo-prompts --quiet
-	$(NWH) trace --storage $(STORAGE) --model zoo-s0 --run demo-trace \
+$(TRACE_DONE): $(ZOO_DONE)
+	$(NWH) trace --storage $(S) --model zoo-s0 --run demo-trace \
 		--text "Return the absolute value of the argument."
-	@echo "== runs"
-	$(NWH) sql --storage $(STORAGE) "select run_id, model, revision, input_kind, num_rows, num_neurons, round(seconds, 1) as seconds from runs order by run_id"
-	@echo "== share of active neurons per layer (demo-corpus)"
-	$(NWH) sql --storage $(STORAGE) "select layer, count(*) as neurons, round(avg(active_count / count), 3) as mean_frequency, sum((active_count = 0)::int) as never_active from neuron_stats where run_id = 'demo-corpus' group by layer order by layer"
-	@echo "== top 10 tokens of neuron 3 in layer 2 (demo-corpus)"
-	$(NWH) sql --storage $(STORAGE) "select t.token, t.sample, t.position, round(v.value, 3) as value from neuron_values('demo-corpus', 'acts', 2, 3) v join tokens t on t.run_id = 'demo-corpus' and t.row = v.row order by v.value desc limit 10"
-	@echo "== generated text of the prompts run"
-	$(NWH) sql --storage $(STORAGE) "select prompt, prompt_sample, replace(string_agg(token, '' order by position), chr(10), ' ') as text from tokens where run_id = 'demo-prompts' group by all order by all"
-	@echo "== dormancy over the checkpoints of zoo-s0"
-	$(NWH) dormancy-sweep --storage $(STORAGE) --model zoo-s0 --num-samples 64 \
-		--log-file $(STORAGE)/reports/demo/dormancy_zoo-s0.csv --log-mode write --quiet
-	$(NWH) plots --storage $(STORAGE) --dormancy-log $(STORAGE)/reports/demo/dormancy_zoo-s0.csv --name demo
-	@echo "== co-activation of adjacent layers (demo-corpus)"
-	$(NWH) coactivation --storage $(STORAGE) --run demo-corpus --quiet
-	$(NWH) sql --storage $(STORAGE) "select layer_a, layer_b, tokens, max_count, nonzero, engine, round(seconds, 2) as seconds from coactivation_pairs where run_id = 'demo-corpus' order by all"
-	@echo "== activation analysis and figures"
-	$(NWH) analyze --storage $(STORAGE) --run demo-prompts --min-token-count 2 --clusters 4 > /dev/null
-	$(NWH) analyze --storage $(STORAGE) --run demo-corpus > /dev/null
-	$(NWH) plots --storage $(STORAGE) --run demo-prompts --rows 0,30 --name demo
-	$(NWH) plots --storage $(STORAGE) --run demo-prompts --rows 30 --vis-mode cinematic --figure-rows 2 --name demo
-	$(NWH) top-tokens --storage $(STORAGE) --run demo-corpus --layer 3 --neuron 7 --k 8
-	$(NWH) export --storage $(STORAGE) --run demo-prompts --out-dir $(STORAGE)/reports/demo/exports --prefix zoo-s0
-	@echo "== co-activation graph, threshold analysis and influential subsets (demo-corpus)"
-	$(NWH) graph --storage $(STORAGE) --run demo-corpus --threshold 0.5
-	$(NWH) subset-grid --storage $(STORAGE) --run demo-corpus --thresholds 0.5 \
+$(SWEEP_DONE): $(ZOO_DONE)
+	$(NWH) dormancy-sweep --storage $(S) --model zoo-s0 --num-samples 64 \
+		--log-file $(S)/reports/demo/dormancy_zoo-s0.csv --log-mode write --quiet
+$(DORMANCY_FIGS): $(SWEEP_DONE)
+	$(NWH) plots --storage $(S) --dormancy-log $(S)/reports/demo/dormancy_zoo-s0.csv --name demo
+$(COACT_DONE): $(CORPUS_DONE)
+	$(NWH) coactivation --storage $(S) --run demo-corpus --quiet
+$(ANALYZE_PROMPTS): $(PROMPTS_DONE)
+	$(NWH) analyze --storage $(S) --run demo-prompts --min-token-count 2 --clusters 4 > /dev/null
+$(ANALYZE_CORPUS): $(CORPUS_DONE)
+	$(NWH) analyze --storage $(S) --run demo-corpus > /dev/null
+$(SAMPLE_FIGS): $(PROMPTS_DONE)
+	$(NWH) plots --storage $(S) --run demo-prompts --rows 0 30 --name demo
+	$(NWH) plots --storage $(S) --run demo-prompts --rows 30 --vis-mode cinematic --figure-rows 2 --name demo
+$(EXPORT_DONE): $(PROMPTS_DONE)
+	$(NWH) export --storage $(S) --run demo-prompts --out-dir $(S)/reports/demo/exports --prefix zoo-s0
+$(GRAPH_DONE): $(COACT_DONE)
+	$(NWH) graph --storage $(S) --run demo-corpus --threshold 0.5
+$(GRID_DONE): $(COACT_DONE)
+	$(NWH) subset-grid --storage $(S) --run demo-corpus --thresholds 0.5 \
 		--ratios 0.0025 0.005 0.01 --methods degree pagerank coreness
+$(ABLATE_DONE): $(GRID_DONE)
+	$(NWH) ablate --storage $(S) --run demo-corpus --prompts examples/prompts.csv \
+		--subsets $(DEMO_SUBSETS) --controls 5 --quiet
+$(NSTATS_DONE): $(CORPUS_DONE)
+	$(NWH) neuron-stats --storage $(S) --run demo-corpus > /dev/null
+$(UNIVERSAL_DONE): $(ZOO_DONE)
+	$(NWH) universal --storage $(S) --models zoo-s0 zoo-s1 zoo-s2 --num-samples 32 --quiet
+$(GRADIENTS_DONE): $(ZOO_DONE)
+	$(NWH) gradients --storage $(S) --model zoo-s0 --num-samples 64 --aggregation-mode both --quiet
+$(REPORT_DONE): $(TRACE_DONE) $(DORMANCY_FIGS) $(ANALYZE_PROMPTS) $(ANALYZE_CORPUS) $(SAMPLE_FIGS) \
+		$(EXPORT_DONE) $(GRAPH_DONE) $(ABLATE_DONE) $(NSTATS_DONE) $(UNIVERSAL_DONE) $(GRADIENTS_DONE)
+	$(MAKE) --no-print-directory report STORAGE=$(S)
+
+demo: $(REPORT_DONE) ## the whole chain on the zoo, ending in storage/reports/demo/index.html (resumes)
+	@echo "== runs"
+	$(NWH) sql --storage $(S) "select run_id, model, revision, input_kind, num_rows, num_neurons, round(seconds, 1) as seconds from runs order by run_id"
+	@echo "== share of active neurons per layer (demo-corpus)"
+	$(NWH) sql --storage $(S) "select layer, count(*) as neurons, round(avg(active_count / count), 3) as mean_frequency, sum((active_count = 0)::int) as never_active from neuron_stats where run_id = 'demo-corpus' group by layer order by layer"
+	@echo "== top 10 tokens of neuron 3 in layer 2 (demo-corpus)"
+	$(NWH) sql --storage $(S) "select t.token, t.sample, t.position, round(v.value, 3) as value from neuron_values('demo-corpus', 'acts', 2, 3) v join tokens t on t.run_id = 'demo-corpus' and t.row = v.row order by v.value desc limit 10"
+	@echo "== generated text of the prompts run"
+	$(NWH) sql --storage $(S) "select prompt, prompt_sample, replace(string_agg(token, '' order by position), chr(10), ' ') as text from tokens where run_id = 'demo-prompts' group by all order by all"
+	@echo "== co-activation of adjacent layers (demo-corpus)"
+	$(NWH) sql --storage $(S) "select layer_a, layer_b, tokens, max_count, nonzero, engine, round(seconds, 2) as seconds from coactivation_pairs where run_id = 'demo-corpus' order by all"
+	$(NWH) top-tokens --storage $(S) --run demo-corpus --layer 3 --neuron 7 --k 8
 	@echo "== ablation of the subsets vs random controls (zero ablation)"
-	$(NWH) ablate --storage $(STORAGE) --run demo-corpus --prompts examples/prompts.csv \
-		--subsets degree_t0.5_r0.0025 degree_t0.5_r0.005 degree_t0.5_r0.01 pagerank_t0.5_r0.005 \
-		pagerank_t0.5_r0.01 coreness_t0.5_r0.01 --controls 5 --quiet
-	$(NWH) sql --storage $(STORAGE) "select subset, prompt, sample_index, replace(generated_text, chr(10), ' ') as text from ablation_generations where run_id = 'demo-corpus' and sample_index = 0 and prompt = 0 order by subset"
-	@echo "== neuron properties, universal neurons across the three seeds, loss gradients"
-	$(NWH) neuron-stats --storage $(STORAGE) --run demo-corpus > /dev/null
-	$(NWH) universal --storage $(STORAGE) --models zoo-s0 zoo-s1 zoo-s2 --num-samples 32 --quiet
-	$(NWH) gradients --storage $(STORAGE) --model zoo-s0 --num-samples 64 --aggregation-mode both --quiet
-	$(MAKE) --no-print-directory report STORAGE=$(STORAGE)
+	$(NWH) sql --storage $(S) "select subset, prompt, sample_index, replace(generated_text, chr(10), ' ') as text from ablation_generations where run_id = 'demo-corpus' and sample_index = 0 and prompt = 0 order by subset"
+	@echo "report: $(REPORT_DONE)"
 
 test: $(STAMP) ## run the test suite
 	$(VENV)/bin/python -m pytest -n 2 tests

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/correlation.py                 # 8192 tokens, 4 of the 144 layer pairs
 
-Times pipeline.stages.universal.PairCorrelation.update (float64 sums, the cross term a matrix product)
+Times pipeline.kernels.correlation.PairCorrelation.update (float64 sums, the cross term a matrix product)
 on random float32 activations, against the pure matrix product a.T @ b of the same shapes (the
 limit), then extrapolates to all 144 layer pairs and one million tokens. Memory is bounded by
 one pair's [3072, 3072] float64 block plus one token chunk: peak RSS is measured for N and 4N
@@ -23,26 +23,26 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.stages.universal import CHUNK, PairCorrelation  # noqa: E402
+from pipeline.kernels.correlation import CHUNK_ROWS, PairCorrelation  # noqa: E402
 
 D, LAYERS = 3072, 12
 
 
 def accumulate(tokens: int, pairs: int) -> tuple[float, float]:
     rng = np.random.default_rng(0)
-    a = rng.normal(size=(CHUNK, D)).astype(np.float32)
-    b = rng.normal(size=(CHUNK, D)).astype(np.float32)
+    a = rng.normal(size=(CHUNK_ROWS, D)).astype(np.float32)
+    b = rng.normal(size=(CHUNK_ROWS, D)).astype(np.float32)
     t0 = time.perf_counter()
     for _ in range(pairs):
         acc = PairCorrelation(D, D)
-        for _ in range(0, tokens, CHUNK):
+        for _ in range(0, tokens, CHUNK_ROWS):
             acc.update(a, b)
         acc.correlation()
     accum = time.perf_counter() - t0
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     t0 = time.perf_counter()
     for _ in range(pairs):
-        for _ in range(0, tokens, CHUNK):
+        for _ in range(0, tokens, CHUNK_ROWS):
             a64.T @ b64
     pure = time.perf_counter() - t0
     return accum, pure

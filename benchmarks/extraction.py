@@ -28,9 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.stages.extract import ExtractConfig, extract, remove_run  # noqa: E402
-from pipeline.models.micro import save_random_gpt2, synthetic_texts  # noqa: E402
 from pipeline.core.storage import Storage  # noqa: E402
+from pipeline.models.micro import save_random_gpt2, synthetic_texts  # noqa: E402
+from pipeline.stages.extract import ExtractConfig, remove_run  # noqa: E402
+from pipeline.stages.extract import run as run_extraction  # noqa: E402
 
 GPT2_SMALL = dict(n_layer=12, d_model=768, n_head=12, d_mlp=3072, n_positions=1024,
                   vocab_size=50257)
@@ -48,26 +49,33 @@ def prepare(workdir: Path) -> tuple[Path, Path]:
 def config(model_dir, corpus, tokens, args, **kw) -> ExtractConfig:
     return ExtractConfig(model=str(model_dir), corpus=str(corpus), device=args.device,
                          num_samples=tokens // args.max_length, max_length=args.max_length,
-                         batch_size=args.batch_size, **kw)
+                         batch_size=args.batch_size, quiet=True, **kw)
+
+
+def extract(cfg: ExtractConfig, storage: Storage) -> dict:
+    """The manifest of a finished extraction run."""
+    return run_extraction(cfg, storage).manifest
 
 
 def bare_forward(model_dir: Path, corpus: Path, args) -> float:
     """Tokens/s of the trunk alone over the same windows the extraction sees."""
-    from pipeline.stages.extract import _corpus_units
+    from pipeline.core.inputs import corpus_windows
     from pipeline.models.loading import load_model
 
     loaded = load_model(str(model_dir), storage=Storage(model_dir.parent), device=args.device,
                         for_generation=False)
     base = loaded.adapter.base_model(loaded.model)
-    units = list(_corpus_units(config(model_dir, corpus, args.tokens, args), loaded.tokenizer))
+    windows = list(corpus_windows(config(model_dir, corpus, args.tokens, args), loaded.tokenizer))
+    batches = [torch.tensor(windows[i:i + args.batch_size], dtype=torch.long)
+               for i in range(0, len(windows), args.batch_size)]
     with torch.inference_mode():
-        base(input_ids=units[0].input_ids.to(loaded.device))  # warm-up
+        base(input_ids=batches[0].to(loaded.device))  # warm-up
         _sync(args.device)
         t0 = time.perf_counter()
         n = 0
-        for unit in units:
-            base(input_ids=unit.input_ids.to(loaded.device))
-            n += unit.input_ids.numel()
+        for ids in batches:
+            base(input_ids=ids.to(loaded.device))
+            n += ids.numel()
         _sync(args.device)
     return n / (time.perf_counter() - t0)
 
@@ -81,7 +89,7 @@ def timed_extract(model_dir, corpus, args, run, **kw) -> float:
     storage = Storage(Path(args.workdir) / "wh")
     cfg = config(model_dir, corpus, args.tokens, args, run=run, **kw)
     remove_run(storage, run)  # measure afresh
-    manifest = extract(cfg, storage, progress=False)
+    manifest = extract(cfg, storage)
     return manifest["rows"] / manifest["timings"]["seconds"]
 
 
@@ -90,8 +98,7 @@ def rss_child(args) -> None:
     model_dir, corpus = prepare(Path(args.workdir))
     storage = Storage(Path(args.workdir) / "wh-rss")
     remove_run(storage, f"rss-{args.tokens}")
-    extract(config(model_dir, corpus, args.tokens, args, run=f"rss-{args.tokens}"), storage,
-            progress=False)
+    extract(config(model_dir, corpus, args.tokens, args, run=f"rss-{args.tokens}"), storage)
     print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
@@ -114,7 +121,7 @@ def main() -> None:
     warm = argparse.Namespace(**{**vars(args), "tokens": args.max_length * args.batch_size})
     remove_run(Storage(Path(args.workdir) / "wh"), "bench-warmup")
     extract(config(model_dir, corpus, warm.tokens, warm, run="bench-warmup"),
-            Storage(Path(args.workdir) / "wh"), progress=False)  # warm caches, as bare_forward does
+            Storage(Path(args.workdir) / "wh"))  # warm caches, as bare_forward does
     masks = timed_extract(model_dir, corpus, args, "bench-masks")
     dense = timed_extract(model_dir, corpus, args, "bench-dense", store_acts=True)
     print(f"bare forward (trunk, no hooks)      {base:8.0f} tok/s")

@@ -7,7 +7,8 @@ Synthetic bit-packed masks with per-neuron densities from Beta(1.3, 3.5) (median
 near 0), generated layer by layer. Then the pipeline's own pieces, stage by stage:
   1. co-activation of all 47 adjacent pairs with the popcount engine (counts kept on disk as
      uint16 .npy, the max count tracked for the reference normalisation);
-  2. thresholding (normalized weight > --threshold) into NumPy edge arrays;
+  2. thresholding (normalized weight > --threshold, sql/edge_weights.sql in DuckDB, pair by
+     pair) into NumPy edge arrays;
   3. the one-pass threshold analysis (union-find) over the kept edges;
   4. igraph construction (Graph(n) + add_edges on the ndarray) and PageRank;
   5. degree straight from the edges (np.bincount) and subset selection (top k, ratio 0.01).
@@ -28,9 +29,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.core.coact import pair_index, weighted_edges  # noqa: E402
+from pipeline.kernels.graphs import build_graph, centrality, threshold_analysis, top_k  # noqa: E402
 from pipeline.stages.coactivation import coactivation_counts  # noqa: E402
-from pipeline.stages.graph import build_graph, threshold_analysis  # noqa: E402
-from pipeline.stages.subsets import centrality, subset_size, top_k  # noqa: E402
+from pipeline.stages.subsets import subset_size  # noqa: E402
 
 
 def peak_gb() -> float:
@@ -70,10 +72,12 @@ def main() -> None:
     max_count = 0
     g0 = time.perf_counter()
     prev = layer_masks(0, T, d, densities)
+    active = [np.unpackbits(prev, axis=1, count=d, bitorder="little").sum(0)]  # neuron_stats'
     gen_seconds += time.perf_counter() - g0
     for layer in range(L - 1):
         g0 = time.perf_counter()
         nxt = layer_masks(layer + 1, T, d, densities)
+        active.append(np.unpackbits(nxt, axis=1, count=d, bitorder="little").sum(0))
         gen_seconds += time.perf_counter() - g0
         counts = coactivation_counts(prev, nxt, d, d)
         max_count = max(max_count, int(counts.max()))
@@ -84,14 +88,20 @@ def main() -> None:
           f"   peak RSS {peak_gb():.2f} GB")
 
     # 2. thresholding
+    import duckdb
+
     t1 = time.perf_counter()
     src, dst, wts = [], [], []
+    con, index = duckdb.connect(), pair_index(d, d)
     for layer in range(L - 1):
         counts = np.load(work / f"L{layer}.npy")
-        i, j = np.nonzero(counts > args.threshold * max_count)
-        src.append((layer * d + i).astype(np.int64))
-        dst.append(((layer + 1) * d + j).astype(np.int64))
-        wts.append(counts[i, j] / max_count)
+        kept = weighted_edges(con, counts, active[layer], active[layer + 1], tokens=T,
+                              max_count=max_count, weight="normalized", threshold=args.threshold,
+                              index=index)
+        src.append(layer * d + kept["neuron_a"].to_numpy().astype(np.int64))
+        dst.append((layer + 1) * d + kept["neuron_b"].to_numpy().astype(np.int64))
+        wts.append(kept["weight"].to_numpy())
+    con.close()
     edges = np.stack([np.concatenate(src), np.concatenate(dst)], axis=1)
     weights = np.concatenate(wts)
     del src, dst, wts

@@ -51,12 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name in STAGE_MODULES:
-        module = importlib.import_module(name)
-        if hasattr(module, "STAGES"):
-            for stage in module.STAGES:
-                add_stage(sub, stage)
-        else:  # a module not yet converted to STAGES
-            module.register(sub)
+        for stage in importlib.import_module(name).STAGES:
+            add_stage(sub, stage)
     return parser
 
 
@@ -101,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        if not hasattr(args, "stage_entry"):
-            return int(args.handler(args) or 0)
         return int(run_stage(args.stage_entry, args) or 0)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -116,17 +110,3 @@ def echo(*parts: object) -> None:
     """User-facing output (library code logs instead)."""
     print(*parts)
 
-
-def add_stage_parser(sub, name: str, help: str, examples: str, *,  # noqa: A002
-                     progress: bool = False) -> argparse.ArgumentParser:
-    """Parser of a module not yet converted to STAGES."""
-    from pipeline.core.storage import DEFAULT_ROOT
-
-    parser = sub.add_parser(
-        name, help=help, description=help, epilog="Examples:\n" + examples,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--storage", default=str(DEFAULT_ROOT), help="warehouse root (default: storage)")
-    if progress:
-        parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser

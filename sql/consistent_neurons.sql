@@ -1,9 +1,12 @@
 -- Neurons consistent across samples of the same prompt: share of a prompt's samples in which
--- the neuron is active at some generated token. active_events(row, layer, neuron);
--- $run_id; $min_share in [0, 1].
+-- the neuron is active at some generated token. active_events(row, layer, neuron): the active
+-- bits of the analysed rows; analysed_rows(row): the analysed token rows of run $run_id; a
+-- prompt's samples are those with an analysed generated token. $min_share in (0, 1].
 with t as (
-    select row, prompt, prompt_sample from tokens
-    where run_id = $run_id and generated
+    select t.row, t.prompt, t.prompt_sample
+    from tokens t
+    semi join analysed_rows a on a.row = t.row
+    where t.run_id = $run_id and t.generated
 ),
 samples as (
     select prompt, count(distinct prompt_sample) as num_samples from t group by prompt

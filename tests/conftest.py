@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.models.micro import WORDS, save_random_gpt2
 from pipeline.core.storage import Storage
+from pipeline.models.micro import WORDS, save_random_gpt2
 
 
 @pytest.fixture(scope="session")

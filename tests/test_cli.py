@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.core import arrays
 from pipeline.cli import main
+from pipeline.core import arrays
 from pipeline.core.storage import Storage
 
 
@@ -108,15 +109,34 @@ def test_rerun_says_nothing_to_do(warehouse, micro_model_dir, corpus_file, capsy
 def test_sql_prints_and_writes(warehouse, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "sql", "select run_id, num_rows from runs",
                            "--storage", str(warehouse.root))
-    assert code == 0 and "96" in out and "w" in out
+    # 6 windows of 16 tokens; the row of run w is printed as one table line
+    assert code == 0
+    rows = [line for line in out.splitlines() if re.search(r"\bw\b", line)]
+    assert len(rows) == 1 and re.search(r"\b96\b", rows[0]), out
     for ext in ("csv", "parquet", "json"):
         path = tmp_path / f"r.{ext}"
         code, _, _ = run_cli(capsys, "sql", "select * from neuron_stats", "--out", str(path),
                              "--storage", str(warehouse.root))
         assert code == 0 and path.exists()
-    assert pl.read_parquet(tmp_path / "r.parquet").height == 120
-    assert pl.read_csv(tmp_path / "r.csv").height == 120
-    assert len(json.loads((tmp_path / "r.json").read_text())) == 120
+    # truth from the Parquet files themselves (3 layers x 40 neurons), not through nwh
+    parts = sorted((warehouse.root / "tables" / "neuron_stats" / "run_id=w").glob("*.parquet"))
+    expect = pl.concat([pl.read_parquet(p) for p in parts]).sort("neuron_id")
+    assert expect.height == 120
+    got = pl.read_parquet(tmp_path / "r.parquet").sort("neuron_id")
+    assert got.drop("run_id").equals(expect)
+    assert pl.read_csv(tmp_path / "r.csv").sort("neuron_id")["active_count"].to_list() == \
+        expect["active_count"].to_list()
+    assert sorted(r["neuron_id"] for r in json.loads((tmp_path / "r.json").read_text())) == \
+        list(range(120))
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_sql_out_refuses_bad_names(warehouse, tmp_path, capsys):
+    for bad in (str(tmp_path / "r.txt"), str(tmp_path)):
+        code, _, err = run_cli(capsys, "sql", "select 1", "--out", bad,
+                               "--storage", str(warehouse.root))
+        assert code == 2 and err.startswith("error: --out") and err.count("\n") == 1, err
 
 
 def test_sql_error_is_one_line(warehouse, capsys):

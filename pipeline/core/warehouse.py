@@ -92,7 +92,7 @@ def _quote(path: str) -> str:
 
 def query(con: duckdb.DuckDBPyConnection, name: str, **params: Any):
     """Run sql/<name>.sql with bound parameters; returns a polars DataFrame."""
-    return con.execute(load_sql(name), params).pl()
+    return con.sql(load_sql(name), params=params).pl()
 
 
 # -- Zarr access from SQL

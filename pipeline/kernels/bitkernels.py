@@ -2,8 +2,9 @@
 transposition to neuron-major bitsets, AND + popcount.
 
 Imported lazily (numba takes a moment to load). The kernels are module-level functions with
-`cache=True`, so they are compiled once and later processes load the cached machine code from
-__pycache__ (kernels built inside a closure miss that cache and recompile in every process).
+`cache=CACHE`, so they are compiled once and later processes load the cached machine code
+(kernels built inside a closure miss that cache and recompile in every process); CACHE is off
+only where no cache folder is writable (pipeline/kernels/numba_cache.py).
 
     packed   uint8  [t, ceil(w/8)]          token-major, bit n%8 (little-endian) of byte n//8 = neuron n
     rows     uint64 [ceil(w/8), 8, W]       neuron-major bitsets, W = ceil(t/64) words over token rows:
@@ -27,6 +28,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from pipeline.kernels.numba_cache import CACHE
+
 LANES = 8  # neurons of b per vector: one packed byte column, one 512-bit vector of uint64
 ROWS = 3  # rows of a per tile: 3 x 5 accumulators + 16 words of b fit the 32 vector registers
 TILE_I = 96  # rows of a per parallel task (a multiple of ROWS)
@@ -44,7 +47,7 @@ def _transpose8x8(x):
     return x ^ t ^ (t << np.uint64(28))
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=CACHE, nogil=True)
 def to_bitsets(packed, out, interleave):
     """Token-major packed bytes [t, nb] -> neuron-major bitsets: out [nb, 8, W] (`rows`) or,
     with interleave, out [nb, W, 8] (`lanes`); W = ceil(t/64), rows past t stay 0.
@@ -163,7 +166,7 @@ def _tile_counts(typingctx, a_ptr, a_rows, b_ptr, n_words):
     return sig, codegen
 
 
-@njit(parallel=True, cache=True, nogil=True)
+@njit(parallel=True, cache=CACHE, nogil=True)
 def and_popcount(a, b, out):
     """out[i, j] += sum_w popcount(a[i, w] & b[j // 8, w, j % 8]); a `rows` [da, W] (C-contiguous),
     b `lanes` [ceil(db/8), W, 8], out int64 [da, db].
@@ -191,10 +194,11 @@ def and_popcount(a, b, out):
                             out[i0 + r, g * LANES + k] += counts[r * LANES + k]
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def moments_and_pack(x, thr, sums, mn, mx, act, packed):
-    """One pass over a float32 block x [n, d]: float64 sums of x, x^2, |x|, x^3, x^4 into
-    sums [5, d], min/max, active counts (x > thr) and the packed active bits [n, ceil(d/8)].
+@njit(parallel=True, cache=CACHE, nogil=True)
+def moments_and_pack(x, thr, shift, sums, mn, mx, act, packed):
+    """One pass over a float32 block x [n, d]: float64 sums into sums [6, d] (rows: sums of x,
+    |x|, c, c^2, c^3, c^4 with c = x - shift, shift float64 [d]), min/max, active counts
+    (x > thr) and the packed active bits [n, ceil(d/8)].
 
     Parallel over blocks of 64 neurons, each with local accumulators, so threads never share
     an output element and the result does not depend on the thread count.
@@ -205,10 +209,12 @@ def moments_and_pack(x, thr, sums, mn, mx, act, packed):
         j0 = blk * block
         w = min(j0 + block, d) - j0
         s1 = np.zeros(block)
-        s2 = np.zeros(block)
         sa = np.zeros(block)
-        s3 = np.zeros(block)
-        s4 = np.zeros(block)
+        p1 = np.zeros(block)
+        p2 = np.zeros(block)
+        p3 = np.zeros(block)
+        p4 = np.zeros(block)
+        k0 = shift[j0:j0 + w].copy()
         lo = np.full(block, np.inf)
         hi = np.full(block, -np.inf)
         ac = np.zeros(block, np.int64)
@@ -216,12 +222,14 @@ def moments_and_pack(x, thr, sums, mn, mx, act, packed):
         for r in range(n):
             for k in range(w):
                 v = np.float64(x[r, j0 + k])
-                v2 = v * v
+                c = v - k0[k]
+                c2 = c * c
                 s1[k] += v
-                s2[k] += v2
                 sa[k] += abs(v)
-                s3[k] += v2 * v
-                s4[k] += v2 * v2
+                p1[k] += c
+                p2[k] += c2
+                p3[k] += c2 * c
+                p4[k] += c2 * c2
                 lo[k] = min(lo[k], v)
                 hi[k] = max(hi[k], v)
                 on = x[r, j0 + k] > thr
@@ -235,10 +243,11 @@ def moments_and_pack(x, thr, sums, mn, mx, act, packed):
                 packed[r, j0 // 8 + b] = byte
         for k in range(w):
             sums[0, j0 + k] += s1[k]
-            sums[1, j0 + k] += s2[k]
-            sums[2, j0 + k] += sa[k]
-            sums[3, j0 + k] += s3[k]
-            sums[4, j0 + k] += s4[k]
+            sums[1, j0 + k] += sa[k]
+            sums[2, j0 + k] += p1[k]
+            sums[3, j0 + k] += p2[k]
+            sums[4, j0 + k] += p3[k]
+            sums[5, j0 + k] += p4[k]
             mn[j0 + k] = min(mn[j0 + k], lo[k])
             mx[j0 + k] = max(mx[j0 + k], hi[k])
             act[j0 + k] += ac[k]

@@ -1,4 +1,5 @@
-"""Union-find over weighted edges at many thresholds at once (numba, cached at module level).
+"""Union-find over weighted edges at many thresholds at once (numba, cached at module level
+where a cache folder is writable: pipeline/kernels/numba_cache.py).
 
 Used by the graph stage's streaming threshold analysis (pipeline/graph.py).
 """
@@ -7,8 +8,10 @@ from __future__ import annotations
 
 from numba import njit
 
+from pipeline.kernels.numba_cache import CACHE
 
-@njit(cache=True, nogil=True)
+
+@njit(cache=CACHE, nogil=True)
 def union_edges(parent, size, has_edge, stats, src, dst, weights, thresholds):
     """Union every edge into the union-find of each threshold it exceeds (weight > threshold).
 

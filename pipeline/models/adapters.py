@@ -73,8 +73,16 @@ class Adapter:
         raise UserError(f"cannot find the layers of this {self.family} model "
                         f"(looked for {', '.join(self.spec.layers)})")
 
+    def block(self, model, layer: int) -> torch.nn.Module:
+        """The transformer block of a layer (an element of the layer list): its forward input
+        is the residual stream entering the layer (hook_resid_pre)."""
+        blocks = model.get_submodule(self._layers_path(model))
+        if not 0 <= layer < len(blocks):
+            raise UserError(f"layer {layer} is out of range: the model has {len(blocks)} layers")
+        return blocks[layer]
+
     def _layer_module(self, model, layer: int, rel: str) -> torch.nn.Module:
-        return model.get_submodule(f"{self._layers_path(model)}.{layer}.{rel}")
+        return self.block(model, layer).get_submodule(rel)
 
     def sites(self, model) -> list[NeuronSite]:
         path = self._layers_path(model)

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+
+
+def _cache_name(model) -> str:
+    """The KV-cache argument (and output field) of the model's forward: `cache` in recent
+    transformers, `past_key_values` (deprecated there) before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -14,17 +22,18 @@ def generate(
 
     Generates exactly `new_tokens` tokens (no early stop at EOS), as the reference tools do.
     """
+    cache = _cache_name(model)
     ids = torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=device)
     out = model(input_ids=ids, use_cache=True)
-    past = out.past_key_values
+    past = getattr(out, cache)
     logits = out.logits[:, -1, :]
     pieces = [ids]
     for step in range(new_tokens):
         nxt = sample_next(logits, temperature=temperature, top_k=top_k, generator=generator)
         pieces.append(nxt)
         if step + 1 < new_tokens:
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past, logits = out.past_key_values, out.logits[:, -1, :]
+            out = model(input_ids=nxt, use_cache=True, **{cache: past})
+            past, logits = getattr(out, cache), out.logits[:, -1, :]
     return torch.cat(pieces, dim=1)
 
 

@@ -1,4 +1,5 @@
-"""Hooks at the neuron site (the input of each MLP output projection), for capture and editing.
+"""Hooks at the neuron site (the input of each MLP output projection), for capture and editing,
+and at the input of a transformer block (the residual stream, for SAEs spliced there).
 
 Hooks only ever live inside these context managers, whose `finally` removes them.
 """
@@ -63,6 +64,30 @@ def edit_neurons(
     try:
         for layer, edit in edits.items():
             handles.append(sites[layer].module.register_forward_pre_hook(make(edit)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def edit_block_inputs(
+    blocks: dict[int, torch.nn.Module], edits: dict[int, Callable[[torch.Tensor], torch.Tensor]],
+) -> Iterator[None]:
+    """Replace the residual stream x entering block l (its hidden_states, passed positionally
+    or by keyword depending on the family) with edits[l](x) on every forward."""
+    handles = []
+
+    def make(edit):
+        def hook(module, args, kwargs):
+            if args:
+                return (edit(args[0]), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
+        return hook
+
+    try:
+        for layer, edit in edits.items():
+            handles.append(blocks[layer].register_forward_pre_hook(make(edit), with_kwargs=True))
         yield
     finally:
         for h in handles:

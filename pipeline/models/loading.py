@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from pipeline.models.adapters import Adapter, NeuronSite, adapter_for
 from pipeline.core.errors import UserError
 from pipeline.core.storage import Storage
+from pipeline.models.adapters import Adapter, NeuronSite, adapter_for
 
 log = logging.getLogger(__name__)
 

@@ -169,26 +169,26 @@ def _heldout_loss(model, heldout, batch_size: int = 32) -> float:
 
 
 def _save_checkpoint(model, tokenizer, directory: Path) -> None:
-    with atomic_path(directory) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
 
 
-def _train_model(config: ZooSpec, name: str, tokenizer, train, heldout, storage: Storage,
-                 progress: bool) -> dict:
-    import torch
-    from tqdm.auto import tqdm
+def _new_model(config: ZooSpec, tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    seed = config.seed(name)
-    torch.manual_seed(seed)
-    model = GPT2LMHeadModel(GPT2Config(
+    return GPT2LMHeadModel(GPT2Config(
         n_layer=config.n_layer, n_embd=config.d_model, n_head=config.n_head,
         n_inner=config.d_mlp, n_positions=config.n_ctx, vocab_size=len(tokenizer),
         activation_function="gelu_new", bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    opt_ = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01,
-                             betas=(0.9, 0.98))
+
+
+def _optimizer(config: ZooSpec, model):
+    """AdamW with a linear warm-up over 5% of the steps, then cosine decay to 0."""
+    import torch
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01,
+                                  betas=(0.9, 0.98))
     warmup = max(1, config.steps // 20)
 
     def lr_at(step: int) -> float:
@@ -196,7 +196,19 @@ def _train_model(config: ZooSpec, name: str, tokenizer, train, heldout, storage:
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt_, lr_at)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+
+
+def _train_model(config: ZooSpec, name: str, tokenizer, train, heldout, directory: Path,
+                 progress: bool) -> dict:
+    """Train one model, saving its checkpoints as directory/step<k>/ (a fresh folder)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    seed = config.seed(name)
+    torch.manual_seed(seed)
+    model = _new_model(config, tokenizer)
+    optimizer, schedule = _optimizer(config, model)
     gen = torch.Generator().manual_seed(seed)
     revisions, losses = [], {}
     t0 = time.perf_counter()
@@ -206,28 +218,56 @@ def _train_model(config: ZooSpec, name: str, tokenizer, train, heldout, storage:
         if step in config.revisions:
             rev = f"step{step}"
             losses[rev] = _heldout_loss(model, heldout)
-            _save_checkpoint(model, tokenizer, storage.models_dir() / name / rev)
+            _save_checkpoint(model, tokenizer, directory / rev)
             revisions.append(rev)
             bar.set_postfix(heldout=f"{losses[rev]:.3f}")
         if step == config.steps:
             break
-        idx = torch.randint(len(train), (config.batch_size,), generator=gen)
-        batch = train[idx]
+        batch = train[torch.randint(len(train), (config.batch_size,), generator=gen)]
         loss = model(input_ids=batch, labels=batch).loss
-        opt_.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt_.step()
-        sched.step()
+        optimizer.step()
+        schedule.step()
         bar.update(1)
     bar.close()
     return {"seed": seed, "revisions": revisions, "final_revision": revisions[-1],
             "heldout_loss": losses, "train_seconds": round(time.perf_counter() - t0, 2)}
 
 
+def _is_built(manifest: dict | None, config: ZooSpec, storage: Storage) -> bool:
+    """The manifest records this configuration and every checkpoint of it is on disk."""
+    return bool(manifest) and manifest.get("config_hash") == config.config_hash() and all(
+        name in manifest["models"] and all(
+            (storage.models_dir() / name / rev / "config.json").exists()
+            for rev in manifest["models"][name]["revisions"])
+        for name in config.names)
+
+
+def _corpus(config: ZooSpec, tokenizer) -> dict:
+    """Train windows, the evaluated held-out windows and the unigram baseline on them."""
+    from pipeline.core.stdlib_corpus import split_documents
+
+    train_docs, heldout_docs = split_documents("train"), split_documents("heldout")
+    train_ids = _token_stream(tokenizer, train_docs)
+    heldout_all = _windows(_token_stream(tokenizer, heldout_docs), config.n_ctx)
+    heldout = heldout_all[: max(1, config.heldout_tokens // config.n_ctx)]
+    return {"train": _windows(train_ids, config.n_ctx), "heldout": heldout,
+            "unigram": _unigram_loss(train_ids, heldout, len(tokenizer)),
+            "documents": {"train": len(train_docs), "heldout": len(heldout_docs)},
+            "tokens": {"train": len(train_ids), "heldout_evaluated": int(heldout.numel())}}
+
+
 def build_zoo(config: ZooSpec, storage: Storage, *, force: bool = False,
               progress: bool = True) -> dict:
-    """Build (or reuse) the zoo; returns the manifest."""
+    """Build (or reuse) the zoo; returns the manifest.
+
+    A rebuild first removes the manifest (a half-rebuilt zoo reads as not built), then replaces
+    the tokenizer folder and each model folder whole (atomic_path: the old folder stays until
+    the new one is complete, and no revision of an older configuration survives), and writes the
+    manifest last.
+    """
     import torch
     from transformers.utils import logging as hf_logging
 
@@ -237,35 +277,28 @@ def build_zoo(config: ZooSpec, storage: Storage, *, force: bool = False,
     hf_logging.set_verbosity_error()
     storage.ensure_writable()
     manifest = read_manifest(storage)
-    chash = config.config_hash()
-    if (not force and manifest and manifest.get("config_hash") == chash
-            and all((storage.models_dir() / n / r / "config.json").exists()
-                    for n in config.names for r in manifest["models"].get(n, {}).get("revisions", [None]) if r)
-            and all(n in manifest["models"] for n in config.names)):
+    if not force and _is_built(manifest, config, storage):
         log.info("zoo is built with this configuration: nothing to do")
         return manifest
-
+    (storage.models_dir() / MANIFEST).unlink(missing_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
-    train_docs, heldout_docs = split_documents("train"), split_documents("heldout")
-    tokenizer = _train_tokenizer(config, train_docs, storage.models_dir() / TOKENIZER_DIR)
-    train_ids = _token_stream(tokenizer, train_docs)
-    heldout_all = _windows(_token_stream(tokenizer, heldout_docs), config.n_ctx)
-    heldout = heldout_all[: max(1, config.heldout_tokens // config.n_ctx)]
-    train = _windows(train_ids, config.n_ctx)
-    unigram = _unigram_loss(train_ids, heldout, len(tokenizer))
+    tokenizer = _train_tokenizer(config, split_documents("train"),
+                                 storage.models_dir() / TOKENIZER_DIR)
+    corpus = _corpus(config, tokenizer)
     manifest = {
-        "config": to_dict(config), "config_hash": chash, "vocab_size": len(tokenizer),
-        "documents": {"train": len(train_docs), "heldout": len(heldout_docs)},
-        "tokens": {"train": len(train_ids), "heldout_evaluated": int(heldout.numel())},
-        "unigram_heldout_loss": round(unigram, 4), "models": {},
+        "config": to_dict(config), "config_hash": config.config_hash(),
+        "vocab_size": len(tokenizer), "documents": corpus["documents"], "tokens": corpus["tokens"],
+        "unigram_heldout_loss": round(corpus["unigram"], 4), "models": {},
     }
     for name in config.names:
-        info = _train_model(config, name, tokenizer, train, heldout, storage, progress)
+        with atomic_path(storage.models_dir() / name) as tmp:
+            info = _train_model(config, name, tokenizer, corpus["train"], corpus["heldout"], tmp,
+                                progress)
         final = info["heldout_loss"][info["final_revision"]]
-        if final > unigram - 0.5:
+        if final > corpus["unigram"] - 0.5:
             log.warning("%s: final held-out loss %.3f does not clearly beat the unigram %.3f",
-                        name, final, unigram)
+                        name, final, corpus["unigram"])
         info["heldout_loss"] = {k: round(v, 4) for k, v in info["heldout_loss"].items()}
         manifest["models"][name] = info
     manifest["build_seconds"] = round(time.perf_counter() - t0, 1)

@@ -1,6 +1,7 @@
 """A static HTML report: every figure of some report folders with a caption, and table links.
 
-    nwh report --name demo --folders demo demo-corpus demo-prompts universal_zoo-s0_zoo-s1_zoo-s2
+    nwh report --name demo --folders demo demo-corpus demo-prompts universal_zoo-s0_zoo-s1_zoo-s2 \\
+        --tables 'runs=select * from runs' 'dormancy=select * from dormancy order by run_id'
 
 Writes storage/reports/<name>/index.html (opens without a server; images by relative path)
 and CSV copies of the warehouse tables it links under storage/reports/<name>/tables/.
@@ -11,10 +12,14 @@ from __future__ import annotations
 import html
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.config import Stage, opt
 from pipeline.core.errors import UserError
-from pipeline.core.storage import Storage, atomic_path
+from pipeline.core.storage import Storage, atomic_path, validate_run_id
+
+_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 CAPTIONS = [
     (r"dormancy_over_steps", "Share of dormant neurons (tau-dormant) over training: mean, min and max across layers."),
@@ -45,33 +50,85 @@ def caption(stem: str) -> str:
     return stem.replace("_", " ")
 
 
-def write_report(storage: Storage, name: str, folders: list[str], tables_sql: dict[str, str]) -> Path:
-    """index.html over the PNGs of `folders` (report folder names) and CSVs of `tables_sql`."""
-    from pipeline.core.tables import write_frame
-    from pipeline.core.warehouse import query_frame
+@dataclass(kw_only=True)
+class ReportConfig:
+    name: str = opt(help="report folder to write index.html into")
+    folders: list[str] = opt(help="report folders whose figures to show")
+    tables: list[str] = opt([], metavar="NAME=SQL", help="tables to link, each written as CSV "
+                            "from a query: --tables 'runs=select * from runs' 'top=select ...'")
 
-    out = storage.reports(name)
-    out.mkdir(parents=True, exist_ok=True)
-    sections = []
-    for folder in folders:
-        directory = storage.reports(folder)
-        if not directory.exists():
-            raise UserError(f"report folder {folder!r} does not exist under {storage.reports('x').parent}")
-        figures = []
-        for png in sorted(directory.rglob("*.png")):
-            rel = os.path.relpath(png, out)
-            figures.append(f'<figure><img src="{html.escape(rel)}" loading="lazy">'
-                           f"<figcaption>{html.escape(caption(png.stem))}</figcaption></figure>")
-        if figures:
-            sections.append(f"<h2>{html.escape(folder)}</h2>\n<div class=grid>{''.join(figures)}</div>")
+    def __post_init__(self) -> None:
+        for folder in (self.name, *self.folders):
+            validate_run_id(folder)
+        self.queries  # noqa: B018 - parses (and so validates) every NAME=SQL item
+
+    @property
+    def queries(self) -> dict[str, str]:
+        """Table name -> SQL of the --tables items."""
+        out: dict[str, str] = {}
+        for item in self.tables:
+            table, _, sql = item.partition("=")
+            table = table.strip()
+            if not _TABLE_NAME.fullmatch(table) or not sql.strip():
+                raise UserError(f"--tables item {item[:60]!r} is malformed: write NAME=SQL, e.g. "
+                                "'runs=select * from runs'")
+            if table in out:
+                raise UserError(f"--tables names {table!r} twice: give each table one query")
+            out[table] = sql.strip()
+        return out
+
+
+@dataclass
+class ReportResult:
+    page: Path
+    figures: int
+    tables: dict[str, int]  # rows of each linked table
+
+
+def run(config: ReportConfig, storage: Storage) -> ReportResult:
+    """index.html over the PNGs of the report folders and CSVs of the tables' queries."""
+    from pipeline.core.tables import write_frame
+
+    missing = [f for f in config.folders if not storage.reports(f).is_dir()]
+    if missing:
+        raise UserError(f"report folder {missing[0]!r} does not exist under "
+                        f"{storage.root / 'reports'}: draw its figures first or drop it")
+    frames = {table: _query(storage, table, sql) for table, sql in config.queries.items()}
+    out = storage.reports(config.name)
+    sections, count = [], 0
+    for folder in config.folders:
+        pngs = sorted(storage.reports(folder).rglob("*.png"))
+        count += len(pngs)
+        if pngs:
+            sections.append(_section(folder, pngs, out))
     links = []
-    for table, sql in tables_sql.items():
-        path = out / "tables" / f"{table}.csv"
-        frame = query_frame(storage, sql)
-        write_frame(frame, path)
+    for table, frame in frames.items():
+        write_frame(frame, out / "tables" / f"{table}.csv")
         links.append(f'<li><a href="tables/{html.escape(table)}.csv">{html.escape(table)}</a> '
                      f"({frame.height} rows)</li>")
-    page = f"""<!doctype html>
+    with atomic_path(out / "index.html") as tmp:
+        tmp.write_text(_page(config.name, links, sections))
+    return ReportResult(out / "index.html", count, {t: f.height for t, f in frames.items()})
+
+
+def _query(storage: Storage, table: str, sql: str):
+    from pipeline.core.warehouse import query_frame
+
+    frame = query_frame(storage, sql)
+    if frame is None:
+        raise UserError(f"--tables {table}: the statement returns no table: give a select query")
+    return frame
+
+
+def _section(folder: str, pngs: list[Path], out: Path) -> str:
+    figures = "".join(
+        f'<figure><img src="{html.escape(os.path.relpath(png, out))}" loading="lazy">'
+        f"<figcaption>{html.escape(caption(png.stem))}</figcaption></figure>" for png in pngs)
+    return f"<h2>{html.escape(folder)}</h2>\n<div class=grid>{figures}</div>"
+
+
+def _page(name: str, links: list[str], sections: list[str]) -> str:
+    return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Neuron Warehouse report: {html.escape(name)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
@@ -84,26 +141,16 @@ img {{ width: 100%; }} figcaption {{ font-size: .9em; margin-top: .3em; }}
 {''.join(sections)}
 </body></html>
 """
-    with atomic_path(out / "index.html") as tmp:
-        tmp.write_text(page)
-    return out / "index.html"
 
 
-def register(sub) -> None:
-    from pipeline.cli import add_stage_parser
-
-    parser = add_stage_parser(
-        sub, "report", "A static HTML page with every figure of some report folders and table links.",
-        "  nwh report --name demo --folders demo demo-corpus demo-prompts\n")
-    parser.add_argument("--name", required=True, help="report folder to write index.html into")
-    parser.add_argument("--folders", nargs="+", required=True, help="report folders whose figures to show")
-    parser.add_argument("--table", nargs=2, action="append", default=[], metavar=("NAME", "SQL"),
-                        help="a table to link, written as CSV from a query (repeatable)")
-    parser.set_defaults(handler=_cli)
+def show(result: ReportResult) -> str:
+    return (f"report: {result.page} ({result.figures} figures, "
+            f"{len(result.tables)} tables)")
 
 
-def _cli(args) -> int:
-    from pipeline.cli import echo
-
-    echo(write_report(Storage(args.storage), args.name, args.folders, dict(args.table)))
-    return 0
+STAGES = [Stage(
+    "report", "A static HTML page with every figure of some report folders and table links.",
+    "  nwh report --name demo --folders demo demo-corpus demo-prompts\n"
+    "  nwh report --name demo --folders demo-corpus --tables 'runs=select * from runs' \\\n"
+    "      'top=select * from important_neurons where rank <= 10'\n",
+    ReportConfig, run, show)]

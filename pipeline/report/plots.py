@@ -1,6 +1,6 @@
 """Figures (matplotlib, PNG): dormancy over training, sample activation maps, histograms.
 
-    nwh plots --run demo-corpus --rows 0,50,200 --vis-mode cinematic --figure-rows 2
+    nwh plots --run demo-corpus --rows 0 50 200 --vis-mode cinematic --figure-rows 2
     nwh plots --dormancy-log dormancy_zoo-s0.csv --name zoo-s0-dormancy
 
 Every function writes one PNG and returns its path; figures land under storage/reports/<name>/.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -20,12 +21,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
+from pipeline.core import arrays, tables  # noqa: E402
+from pipeline.core.config import Stage, at_least, opt  # noqa: E402
 from pipeline.core.errors import UserError  # noqa: E402
-from pipeline.core.storage import Storage, atomic_path  # noqa: E402
+from pipeline.core.storage import Storage, atomic_path, validate_run_id  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 VIS_MODES = ("default", "cinematic", "cinematic_no_text")
+LOG_COLUMNS_USED = ("revision", "step", "layer_index", "pct_dormant")  # of a dormancy log
 DPI = 100
 
 
@@ -45,7 +49,10 @@ def _by_step(df: pl.DataFrame) -> pl.DataFrame:
     if df.is_empty():
         raise UserError("the dormancy log has no rows: run `nwh dormancy` or a sweep first")
     if df["step"].null_count() == df.height:
-        df = df.with_columns(pl.col("revision").rank("dense").cast(pl.Int64).alias("step"))
+        # no step numbers (revisions not named step<k>): training order is the log's order
+        order = {r: i for i, r in enumerate(dict.fromkeys(df["revision"].to_list()))}
+        df = df.with_columns(pl.col("revision").replace_strict(order, return_dtype=pl.Int64)
+                             .alias("step"))
     return df.sort("step", "layer_index")
 
 
@@ -183,36 +190,55 @@ def plot_histogram(values: np.ndarray, path: Path, *, title: str, xlabel: str, b
 # -- stage: figures of a run and/or a dormancy log
 
 
+def read_dormancy_log(path: str | Path) -> pl.DataFrame:
+    """A dormancy log CSV (reference format) as a DataFrame; 'N/A' steps become null."""
+    try:
+        df = pl.read_csv(path, null_values=["N/A"], infer_schema_length=None)
+    except (pl.exceptions.PolarsError, OSError) as e:
+        raise UserError(f"--dormancy-log {str(path)!r} is not a readable CSV "
+                        f"({' '.join(str(e).split())[:120]}): pass a log of `nwh dormancy`") from None
+    missing = [c for c in LOG_COLUMNS_USED if c not in df.columns]
+    if missing:
+        raise UserError(f"--dormancy-log {str(path)!r} lacks column(s) {missing}: pass a log of "
+                        "`nwh dormancy --log-file`")
+    return df
+
+
+def activation_map(group, manifest: dict, tokens, row: int) -> tuple[list[np.ndarray], str]:
+    """Per-layer values of one token row (activations clipped at 0 when every layer was stored
+    densely, else the active bits) and the text of its sequence up to that token."""
+    layers, widths = manifest["model"]["layers"], manifest["model"]["widths"]
+    use_acts = set(layers) <= set(manifest["model"].get("dense_layers", []))
+    values = [group[f"acts/L{l}"][row].astype(np.float64).clip(0) if use_acts
+              else arrays.unpack_mask(group[f"active/L{l}"][row:row + 1], widths[l])[0].astype(float)
+              for l in layers]
+    samples, positions = tokens["sample"].to_numpy(), tokens["position"].to_numpy()
+    sel = np.flatnonzero((samples == samples[row]) & (positions <= positions[row]))
+    return values, "".join(tokens["token"].take(sel).to_pylist())
+
+
 def run_figures(storage: Storage, run: str, *, rows: Sequence[int] = (0,), mode: str = "default",
                 figure_rows: int = 1, name: str | None = None) -> list[Path]:
     """Sample activation maps of the given token rows and the node activation-count histogram."""
-    from pipeline.core import arrays, tables
     manifest = storage.finished_run(run)
+    bad = [r for r in rows if not 0 <= r < manifest["rows"]]
+    if bad:
+        raise UserError(f"row {bad[0]} is out of range: run {run!r} has rows "
+                        f"0-{manifest['rows'] - 1}")
     out_dir = storage.reports(name or run)
     group = arrays.open_group(storage.arrays(run), mode="r")
-    layers = manifest["model"]["layers"]
-    widths = manifest["model"]["widths"]
-    # activation values when every layer was stored densely, else the active bits
-    use_acts = set(layers) <= set(manifest["model"].get("dense_layers", []))
     tokens = tables.read_partition(storage, "tokens", run)
     paths = []
     for row in rows:
-        if not 0 <= row < manifest["rows"]:
-            raise UserError(f"row {row} is out of range: run {run!r} has rows 0-{manifest['rows'] - 1}")
-        values = [group[f"acts/L{l}"][row].astype(np.float64).clip(0) if use_acts
-                  else arrays.unpack_mask(group[f"active/L{l}"][row:row + 1], widths[l])[0].astype(float)
-                  for l in layers]
-        sample = tokens["sample"][row].as_py()
-        position = tokens["position"][row].as_py()
-        samples = tokens["sample"].to_numpy()
-        positions = tokens["position"].to_numpy()
-        sel = np.flatnonzero((samples == sample) & (positions <= position))
-        text = "".join(tokens["token"].take(sel).to_pylist())
-        paths.append(plot_sample_activations(
-            values, out_dir / f"sample_{row}_{mode}.png", mode=mode, figure_rows=figure_rows,
-            text=text, title=f"{run}: row {row} (sample {sample}, position {position})"))
+        values, text = activation_map(group, manifest, tokens, row)
+        title = (f"{run}: row {row} (sample {tokens['sample'][row].as_py()}, "
+                 f"position {tokens['position'][row].as_py()})")
+        paths.append(plot_sample_activations(values, out_dir / f"sample_{row}_{mode}.png",
+                                             mode=mode, figure_rows=figure_rows, text=text,
+                                             title=title))
     stats = tables.read_partition(storage, "neuron_stats", run)
-    paths.append(plot_histogram(stats["active_count"].to_numpy(), out_dir / "node_activation_counts.png",
+    paths.append(plot_histogram(stats["active_count"].to_numpy(),
+                                out_dir / "node_activation_counts.png",
                                 title="Node activation counts", xlabel="token rows where active"))
     return paths
 
@@ -223,46 +249,61 @@ def dormancy_figures(df: pl.DataFrame, out_dir: Path, prefix: str = "") -> list[
             plot_layer_evolution(df, out_dir / f"{prefix}dormancy_layer_evolution.png")]
 
 
-def register(sub) -> None:
-    from pipeline.cli import add_stage_parser
+@dataclass(kw_only=True)
+class PlotsConfig:
+    run: str | None = opt(None, help="an extraction run: activation maps of --rows and the "
+                          "node activation-count histogram")
+    rows: list[int] = opt([0], help="token rows to draw, e.g. --rows 0 50 200")
+    vis_mode: str = opt("default", choices=VIS_MODES, help="default (blue/red with text), "
+                        "cinematic (black/white, input text), cinematic_no_text")
+    figure_rows: int = opt(1, help="rows of layer panels")
+    dormancy_log: str | None = opt(None, help="a dormancy log CSV (reference format): dormancy "
+                                   "over training, per-layer heatmap, most variable layers")
+    save_prefix: str = opt("", help="prefix of the dormancy figure names")
+    name: str | None = opt(None, help="report folder under storage/reports/ (default: the run, "
+                           "else the log's file name)")
 
-    parser = add_stage_parser(
-        sub, "plots", "Figures of a run (sample activation maps) and of a dormancy log.",
-        "  nwh plots --run demo-corpus --rows 0,50,200\n"
-        "  nwh plots --run demo-corpus --rows 7 --vis-mode cinematic --figure-rows 2\n"
-        "  nwh plots --dormancy-log zoo-s0_dormancy.csv --name zoo-s0 --save-prefix zoo_\n")
-    parser.add_argument("--run", help="an extraction run")
-    parser.add_argument("--rows", default="0", help="token rows (sample ids), e.g. 0,50,200")
-    parser.add_argument("--vis-mode", default="default", choices=VIS_MODES,
-                        help="default (blue/red with text), cinematic (black/white, input text), "
-                        "cinematic_no_text")
-    parser.add_argument("--figure-rows", type=int, default=1, help="rows of layer panels")
-    parser.add_argument("--dormancy-log", help="a dormancy log CSV (reference format)")
-    parser.add_argument("--save-prefix", default="", help="prefix of the dormancy figure names")
-    parser.add_argument("--name", help="report folder name under storage/reports/")
-    parser.set_defaults(handler=_cli)
+    def __post_init__(self) -> None:
+        if not self.run and not self.dormancy_log:
+            raise UserError("nothing to draw: give --run and/or --dormancy-log")
+        for value in (self.run, self.name):
+            if value:
+                validate_run_id(value)
+        if self.vis_mode not in VIS_MODES:
+            raise UserError(f"--vis-mode {self.vis_mode!r} is unknown: use one of "
+                            f"{', '.join(VIS_MODES)}")
+        at_least(self, 1, "figure_rows")
+        if not self.rows or min(self.rows) < 0:
+            raise UserError(f"--rows {self.rows}: give token rows >= 0, e.g. --rows 0 50 200")
+        if self.dormancy_log and not Path(self.dormancy_log).is_file():
+            raise UserError(f"--dormancy-log {self.dormancy_log!r} is not a file: pass the CSV "
+                            "written by `nwh dormancy --log-file`")
 
 
-def _cli(args) -> int:
-    from pipeline.cli import echo
-    from pipeline.stages.dormancy import read_log
+@dataclass
+class PlotsResult:
+    paths: list[Path]
 
-    storage = Storage(args.storage)
-    if not args.run and not args.dormancy_log:
-        raise UserError("give --run and/or --dormancy-log")
+
+def run(config: PlotsConfig, storage: Storage) -> PlotsResult:
     paths = []
-    if args.run:
-        try:
-            rows = [int(r) for r in args.rows.split(",")]
-        except ValueError:
-            raise UserError(f"--rows {args.rows!r} is malformed: use e.g. 0,50,200") from None
-        paths += run_figures(storage, args.run, rows=rows, mode=args.vis_mode,
-                             figure_rows=args.figure_rows, name=args.name)
-    if args.dormancy_log:
-        if not Path(args.dormancy_log).exists():
-            raise UserError(f"--dormancy-log {args.dormancy_log!r} does not exist")
-        out_dir = storage.reports(args.name or Path(args.dormancy_log).stem)
-        paths += dormancy_figures(read_log(args.dormancy_log), out_dir, args.save_prefix)
-    for p in paths:
-        echo(p)
-    return 0
+    if config.run:
+        paths += run_figures(storage, config.run, rows=config.rows, mode=config.vis_mode,
+                             figure_rows=config.figure_rows, name=config.name)
+    if config.dormancy_log:
+        out_dir = storage.reports(config.name or Path(config.dormancy_log).stem)
+        paths += dormancy_figures(read_dormancy_log(config.dormancy_log), out_dir,
+                                  config.save_prefix)
+    return PlotsResult(paths)
+
+
+def show(result: PlotsResult) -> str:
+    return "\n".join(f"figure: {p}" for p in result.paths)
+
+
+STAGES = [Stage(
+    "plots", "Figures of a run (sample activation maps) and of a dormancy log.",
+    "  nwh plots --run demo-corpus --rows 0 50 200\n"
+    "  nwh plots --run demo-corpus --rows 7 --vis-mode cinematic --figure-rows 2\n"
+    "  nwh plots --dormancy-log zoo-s0_dormancy.csv --name zoo-s0 --save-prefix zoo_\n",
+    PlotsConfig, run, show)]

@@ -1,4 +1,5 @@
-"""Ablation of neuron subsets during generation and on held-out text, against random controls.
+"""Stage `ablate`: ablation of neuron subsets in generation and on held-out text, against random
+controls.
 
     nwh ablate --run demo-corpus --subsets degree_t0.5_r0.01 pagerank_t0.5_r0.01 \\
         --prompts examples/prompts.csv --controls 5
@@ -9,14 +10,17 @@ extraction (so `none` reproduces an extraction's text exactly), written to the
 `ablation_generations` table and the reference CSV `prompt,sample_index,generated_text,
 perturbation_subset`; and, on held-out windows, the change in mean loss, KL(baseline ||
 ablated) of the next-token distributions and top-1 agreement with the baseline, for the
-subset and for --controls random subsets with the same number of neurons per layer.
-Zero ablation (the reference) or mean ablation (the neuron's mean from neuron_stats), applied
-at the neuron site through pipeline.models.hooks.
+subset and for --controls random subsets with the same number of neurons per layer
+(`ablation_effects`, one row per subset or control with the neuron ids it ablated).
+Zero ablation (the reference) or mean ablation (the neuron's mean over the run, from
+neuron_stats), applied at the neuron site through pipeline.models.hooks.
+Finished work is kept: runs/<run>/stages/ablate-<mode>.json records the config hash.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,17 +29,35 @@ import numpy as np
 import polars as pl
 
 from pipeline.core import tables
-from pipeline.core.config import add_arguments, from_args, opt
+from pipeline.core.coact import read_subset
+from pipeline.core.config import (
+    ModelOptions,
+    Progress,
+    Stage,
+    WindowOptions,
+    at_least,
+    config_hash,
+    opt,
+    to_dict,
+)
 from pipeline.core.errors import UserError
-from pipeline.core.storage import Storage, atomic_path
+from pipeline.core.inputs import corpus_windows, input_fingerprint, read_prompts
+from pipeline.core.storage import (
+    Storage,
+    atomic_path,
+    finished_marker,
+    marker_path,
+    write_marker,
+)
 
 log = logging.getLogger(__name__)
 
 MODES = ("zero", "mean")
+METRICS = ("delta_loss", "kl", "top1_agreement")
 
 
-@dataclass
-class AblationConfig:
+@dataclass(kw_only=True)
+class AblationConfig(ModelOptions, WindowOptions, Progress):
     run: str = opt(help="the extraction run whose model, neurons and subsets are used")
     subsets: list[str] = opt([], help="names of subsets stored for the run (nwh subset)")
     subset_files: list[str] = opt([], help=".npy files of global neuron ids (reference format)")
@@ -44,26 +66,42 @@ class AblationConfig:
     seed: int = opt(42, help="sampling seed (as in extraction)")
     temperature: float = opt(0.8, help="sampling temperature; 0 = greedy")
     top_k: int = opt(0, help="top-k filter of sampling; 0 = none")
-    corpus: str = opt("stdlib:heldout", help="held-out corpus of the loss / KL / top-1 effects")
-    num_samples: int = opt(32, help="held-out windows")
-    max_length: int = opt(64, help="tokens per held-out window")
-    batch_size: int = opt(8, help="windows per forward pass")
     controls: int = opt(5, help="random subsets with the same per-layer counts, per subset")
     control_seed: int = opt(0, help="seed of the control subsets")
-    model: str | None = opt(None, help="model to load instead of the run's")
-    revision: str | None = opt(None, help="revision with --model")
-    device: str = opt("auto", help="auto, cpu, cuda")
-    dtype: str = opt("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16")
-    out_dir: str | None = opt(None, help="folder of the reference CSVs (default storage/reports/<run>/ablation)")
+    out_dir: str | None = opt(None, help="folder of the reference CSVs (default "
+                              "storage/reports/<run>/ablation)")
+    overwrite: bool = opt(False, help="redo a finished ablation of this mode", hash=False)
+    # the model and the held-out windows (ModelOptions / WindowOptions, other defaults)
+    model: str | None = opt(None, help="model to load instead of the run's (same layer widths)")
+    revision: str | None = opt(None, help="revision of --model")
+    corpus: str = opt("stdlib:heldout", help="held-out corpus of the loss / KL / top-1 effects: "
+                      "stdlib:heldout, a .txt/.jsonl/.parquet/.csv file or a datasets hub name")
+    num_samples: int = opt(32, help="held-out windows")
+    max_length: int = opt(64, help="tokens per held-out window")
+
+    min_window = 2  # the next-token loss needs 2 tokens
 
     def __post_init__(self) -> None:
+        if not self.subsets and not self.subset_files:
+            raise UserError("no subset to ablate: give --subsets NAME... (made by `nwh subset`) "
+                            "or --subset-files FILE.npy...")
         if self.mode not in MODES:
             raise UserError(f"--mode {self.mode!r} is unknown: use zero or mean")
-        if self.controls < 0 or self.num_samples < 1 or self.max_length < 2 or self.batch_size < 1:
-            raise UserError("--controls must be >= 0, --num-samples and --batch-size >= 1, "
-                            "--max-length >= 2")
-        if self.temperature < 0 or self.top_k < 0:
-            raise UserError("--temperature and --top-k must be >= 0")
+        if self.revision and not self.model:
+            raise UserError("--revision applies to --model: the run's own model is loaded at "
+                            "its revision; give --model too")
+        at_least(self, 0, "controls", "temperature", "top_k")
+        self.check_windows()
+
+
+@dataclass
+class AblationResult:
+    run: str
+    mode: str
+    effects: pl.DataFrame          # ablation_effects rows of this run and mode
+    summary: pl.DataFrame          # per subset: effects vs controls (summarize)
+    generations: pl.DataFrame | None
+    reused: bool                   # finished earlier with the same config
 
 
 def neuron_locations(ids: np.ndarray, offsets: list[int], widths: list[int]) -> dict[int, np.ndarray]:
@@ -86,214 +124,236 @@ def control_subsets(locations: dict[int, np.ndarray], widths: list[int], n: int,
              locations.items()} for _ in range(n)]
 
 
-def _load_subsets(config: AblationConfig, storage: Storage) -> dict[str, np.ndarray]:
-    from pipeline.stages.subsets import read_subset
+def _subset_file(f: str) -> np.ndarray:
+    path = Path(f)
+    if not path.exists():
+        raise UserError(f"subset file {f!r} does not exist: check the path")
+    try:
+        return np.load(path, allow_pickle=False).astype(np.int64).ravel()
+    except ValueError as e:
+        raise UserError(f"subset file {f!r} is not a NumPy array of neuron ids ({e})") from None
 
-    out = {name: read_subset(storage, config.run, name) for name in config.subsets}
-    for f in config.subset_files:
-        path = Path(f)
-        if not path.exists():
-            raise UserError(f"subset file {f!r} does not exist")
-        try:
-            out[path.stem] = np.load(path, allow_pickle=False).astype(np.int64).ravel()
-        except ValueError as e:
-            raise UserError(f"subset file {f!r} is not a NumPy array of neuron ids ({e})") from None
+
+def load_subsets(config: AblationConfig, storage: Storage) -> dict[str, np.ndarray]:
+    """Subset name -> global neuron ids (stored subsets, then files named by their stem)."""
+    out = {name: np.asarray(read_subset(storage, config.run, name), np.int64).ravel()
+           for name in config.subsets}
+    out.update({Path(f).stem: _subset_file(f) for f in config.subset_files})
     return out
 
 
-def ablate(config: AblationConfig, storage: Storage, *, progress: bool = True) -> dict[str, pl.DataFrame]:
+def _result_hash(config: AblationConfig, manifest: dict, subsets: dict[str, np.ndarray],
+                 prompts: str | None) -> str:
+    from pipeline.models.loading import resolve_device, resolve_dtype
+
+    return config_hash(
+        config, dtype=str(resolve_dtype(config.dtype, resolve_device(config.device))),
+        run_finished=manifest.get("timings", {}).get("finished"),
+        subsets={k: hashlib.sha256(v.tobytes()).hexdigest()[:16] for k, v in subsets.items()},
+        prompts=[prompts, input_fingerprint(prompts)], corpus_file=input_fingerprint(config.corpus))
+
+
+def run(config: AblationConfig, storage: Storage) -> AblationResult:
+    manifest = storage.finished_run(config.run)
+    subsets = load_subsets(config, storage)
+    prompts = config.prompts or manifest["config"].get("prompts")
+    key = _result_hash(config, manifest, subsets, prompts)
+    marker = marker_path(storage, config.run, "ablate", config.mode)
+    if not config.overwrite and finished_marker(marker, key):
+        return stored_result(storage, config.run, config.mode)
+    loaded = _load_run_model(config, manifest, storage)
+    locations = {name: neuron_locations(ids, loaded.layer_offsets, loaded.widths)
+                 for name, ids in subsets.items()}
+    values = neuron_means(storage, config.run, loaded.widths) if config.mode == "mean" else None
+    generations = None
+    if prompts:
+        generations = generate_ablated(config, loaded, prompts, locations, values)
+        _write_generations(config, storage, generations)
+    else:  # no prompts this time: an earlier config's generations are not this result's
+        tables.drop_partition_parts(storage, "ablation_generations", config.run, config.mode)
+    effects = held_out_effects(config, loaded, variants(config, locations, loaded.widths), values)
+    tables.write_part(storage, "ablation_effects", config.run, effects.select(
+        tables.schema("ablation_effects").names).to_arrow(), part=config.mode)
+    summary = summarize(effects)
+    write_marker(marker, to_dict(config), key, subsets=summary.height, rows=effects.height)
+    return AblationResult(config.run, config.mode, effects, summary, generations, reused=False)
+
+
+def stored_result(storage: Storage, run_id: str, mode: str) -> AblationResult:
+    """The result of a finished ablation, read back from its tables."""
+    def part(table: str) -> pl.DataFrame:
+        return pl.from_arrow(tables.read_partition(storage, table, run_id)).filter(
+            pl.col("mode") == mode)
+
+    effects, generations = part("ablation_effects"), part("ablation_generations")
+    return AblationResult(run_id, mode, effects, summarize(effects),
+                          generations if generations.height else None, reused=True)
+
+
+def _load_run_model(config: AblationConfig, manifest: dict, storage: Storage):
+    from pipeline.models.loading import load_model
+
+    name = config.model or manifest["model"]["name"]
+    revision = config.revision if config.model else manifest["model"].get("revision")
+    loaded = load_model(name, revision, storage=storage, for_generation=True,
+                        **config.model_kwargs())
+    if loaded.widths != manifest["model"]["widths"]:
+        raise UserError(f"model {name!r} has layer widths {loaded.widths}, not those of run "
+                        f"{config.run!r}: pass the run's model")
+    return loaded
+
+
+def neuron_means(storage: Storage, run_id: str, widths: list[int]) -> dict[int, np.ndarray]:
+    """Mean activation of every recorded neuron over the run: {layer: [width]} (sum / count)."""
+    stats = tables.read_partition(storage, "neuron_stats", run_id).to_pydict()
+    means = {}
+    for l, n, s, c in zip(stats["layer"], stats["neuron"], stats["sum"], stats["count"]):
+        means.setdefault(l, np.zeros(widths[l]))[n] = s / c
+    return means
+
+
+def ablation_context(loaded, locations: dict[int, np.ndarray],
+                     values: dict[int, np.ndarray] | None):
+    """Hooks that zero the located neurons, or set them to `values` (mean ablation)."""
+    import torch
+
+    from pipeline.models.hooks import ablate_neurons
+
+    idx = {l: torch.as_tensor(v, dtype=torch.long) for l, v in locations.items()}
+    fixed = None
+    if values is not None:
+        missing = sorted(set(idx) - set(values))
+        if missing:
+            raise UserError(f"mean ablation needs neuron_stats of layers {missing}: the run did "
+                            "not record them; re-extract with those --layers or use --mode zero")
+        fixed = {l: torch.as_tensor(values[l][v], dtype=torch.float32) for l, v in locations.items()}
+    return ablate_neurons(loaded.sites, idx, fixed)
+
+
+def generate_ablated(config: AblationConfig, loaded, prompts_path: str,
+                     locations: dict[str, dict[int, np.ndarray]],
+                     values: dict[int, np.ndarray] | None) -> pl.DataFrame:
+    """Generations of every prompt for the baseline `none` and every subset (one row each)."""
+    import torch
+
+    from pipeline.models.generation import generate, prompt_generator
+
+    prompts = read_prompts(prompts_path)
+    rows = []
+    for name, loc in [("none", {})] + list(locations.items()):
+        with torch.inference_mode(), ablation_context(loaded, loc, values):
+            for i, p in enumerate(prompts):
+                seqs = generate(loaded.model, loaded.tokenizer(p.text)["input_ids"],
+                                new_tokens=p.new_tokens, num_samples=p.num_samples,
+                                temperature=config.temperature, top_k=config.top_k,
+                                generator=prompt_generator(config.seed, i), device=loaded.device)
+                for s, seq in enumerate(seqs.cpu().tolist()):
+                    rows.append({"subset": name, "mode": config.mode, "prompt": i,
+                                 "sample_index": s, "prompt_text": p.text,
+                                 "generated_text": loaded.tokenizer.decode(seq), "token_ids": seq})
+    return pl.DataFrame(rows)
+
+
+def _write_generations(config: AblationConfig, storage: Storage, gen: pl.DataFrame) -> None:
+    """The table part of this mode and the reference CSV of every subset."""
+    out_dir = Path(config.out_dir) if config.out_dir else storage.reports(config.run) / "ablation"
+    for (name,), part in gen.group_by("subset", maintain_order=True):
+        with atomic_path(out_dir / f"{name}_generations.csv") as tmp, open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["prompt", "sample_index", "generated_text", "perturbation_subset"])
+            w.writerows(part.select("prompt_text", "sample_index", "generated_text",
+                                    "subset").iter_rows())
+    tables.write_part(storage, "ablation_generations", config.run, gen.select(
+        tables.schema("ablation_generations").names).to_arrow(), part=config.mode)
+
+
+def variants(config: AblationConfig, locations: dict[str, dict[int, np.ndarray]],
+             widths: list[int]) -> list[tuple[str, str, int, dict[int, np.ndarray]]]:
+    """(subset, kind, control index, locations) of every subset and its controls."""
+    out = []
+    for name, loc in locations.items():
+        out.append((name, "subset", -1, loc))
+        seed = config.control_seed + 7919 * len(out)
+        out += [(name, "control", c, ctrl) for c, ctrl in
+                enumerate(control_subsets(loc, widths, config.controls, seed))]
+    return out
+
+
+def _log_probs(model, ids):
+    import torch
+
+    return torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+
+
+def held_out_effects(config: AblationConfig, loaded, variant_list: list,
+                     values: dict[int, np.ndarray] | None) -> pl.DataFrame:
+    """Mean loss, KL(baseline || ablated) and top-1 agreement of every variant over the
+    held-out windows (one ablation_effects row each)."""
     import torch
     from tqdm.auto import tqdm
 
-    from pipeline.models.hooks import ablate_neurons
-    from pipeline.core.inputs import iter_documents, iter_windows, read_prompts
-    from pipeline.models.loading import load_model
-
-    manifest = storage.finished_run(config.run)
-    subsets = _load_subsets(config, storage)
-    prompts_path = config.prompts or manifest["config"].get("prompts")
-    prompts = read_prompts(prompts_path) if prompts_path else None
-    model_name = config.model or manifest["model"]["name"]
-    revision = config.revision if config.model else manifest["model"].get("revision")
-    loaded = load_model(model_name, revision, storage=storage, device=config.device, dtype=config.dtype,
-                        for_generation=True)
-    if loaded.widths != manifest["model"]["widths"]:
-        raise UserError(f"model {model_name!r} has layer widths {loaded.widths}, not those of run "
-                        f"{config.run!r}: pass the run's model")
-    offsets, widths = loaded.layer_offsets, loaded.widths
-    locations = {name: neuron_locations(ids, offsets, widths) for name, ids in subsets.items()}
-    means = None
-    if config.mode == "mean":
-        stats = tables.read_partition(storage, "neuron_stats", config.run)
-        mean = stats["sum"].to_numpy() / stats["count"].to_numpy()
-        layer = stats["layer"].to_numpy()
-        neuron = stats["neuron"].to_numpy()
-        means = {l: torch.zeros(widths[l]) for l in set(layer.tolist())}
-        for l, n, m in zip(layer, neuron, mean):
-            means[int(l)][int(n)] = float(m)
-
-    def context(loc: dict[int, np.ndarray]):
-        idx = {l: torch.as_tensor(v) for l, v in loc.items()}
-        values = None
-        if means is not None:
-            missing = [l for l in idx if l not in means]
-            if missing:
-                raise UserError(f"mean ablation needs neuron_stats of layers {missing}: "
-                                "the run did not record them")
-            values = {l: means[l][idx[l]] for l in idx}
-        return ablate_neurons(loaded.sites, idx, values)
-
-    out: dict[str, pl.DataFrame] = {}
-    # -- generation
-    if prompts is not None:
-        from pipeline.models.generation import generate, prompt_generator
-
-        rows = []
-        out_dir = Path(config.out_dir) if config.out_dir else storage.reports(config.run) / "ablation"
-        for name, loc in [("none", {})] + list(locations.items()):
-            texts = []
-            with torch.inference_mode(), context(loc):
-                for i, p in enumerate(prompts):
-                    ids = loaded.tokenizer(p.text)["input_ids"]
-                    seqs = generate(loaded.model, ids, new_tokens=p.new_tokens,
-                                    num_samples=p.num_samples, temperature=config.temperature,
-                                    top_k=config.top_k, generator=prompt_generator(config.seed, i),
-                                    device=loaded.device).cpu()
-                    for s, seq in enumerate(seqs.tolist()):
-                        text = loaded.tokenizer.decode(seq)
-                        texts.append((p.text, s, text, name))
-                        rows.append({"subset": name, "prompt": i, "sample_index": s,
-                                     "generated_text": text, "token_ids": seq})
-            path = out_dir / f"{name}_generations.csv"
-            with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["prompt", "sample_index", "generated_text", "perturbation_subset"])
-                w.writerows(texts)
-        out["ablation_generations"] = pl.DataFrame(rows).with_columns(
-            pl.lit(config.mode).alias("mode"))
-        tables.write_part(storage, "ablation_generations", config.run,
-                          out["ablation_generations"].select(
-                              tables.schema("ablation_generations").names).to_arrow(),
-                          part=config.mode)
-
-    # -- effects on held-out text, against controls
-    variants = []  # (subset, kind, control index, locations)
-    for name, loc in locations.items():
-        variants.append((name, "subset", -1, loc))
-        for c, ctrl in enumerate(control_subsets(loc, widths, config.controls,
-                                                 config.control_seed + 7919 * len(variants))):
-            variants.append((name, "control", c, ctrl))
-    sums = {i: np.zeros(4) for i in range(len(variants))}  # loss, kl, top1 agree, base loss
+    windows = list(corpus_windows(config, loaded.tokenizer))
+    sums = np.zeros((len(variant_list), 4))  # nll, kl, top-1 agreements, baseline nll
     tokens = 0
-    docs = iter_documents(config.corpus)
-    windows = list(iter_windows(docs, loaded.tokenizer, max_length=config.max_length,
-                                num_samples=config.num_samples))
-    if not windows:
-        raise UserError(f"corpus {config.corpus!r} gives no window of {config.max_length} tokens")
-    bar = tqdm(total=len(windows) * len(variants), disable=not progress, desc="ablation effects")
+    bar = tqdm(total=len(windows) * len(variant_list), disable=config.quiet,
+               desc="ablation effects")
     with torch.inference_mode():
         for s in range(0, len(windows), config.batch_size):
             ids = torch.tensor(windows[s:s + config.batch_size], device=loaded.device)
-            targets = ids[:, 1:]
-            base = torch.log_softmax(loaded.model(input_ids=ids).logits[:, :-1].float(), -1)
-            base_nll = -base.gather(-1, targets[..., None])[..., 0]
-            base_top = base.argmax(-1)
-            n = targets.numel()
-            tokens += n
-            for v, (_, _, _, loc) in enumerate(variants):
-                with context(loc):
-                    abl = torch.log_softmax(loaded.model(input_ids=ids).logits[:, :-1].float(), -1)
-                nll = -abl.gather(-1, targets[..., None])[..., 0]
-                kl = (base.exp() * (base - abl)).sum(-1)
-                sums[v] += [float(nll.sum()), float(kl.sum()),
-                            float((abl.argmax(-1) == base_top).sum()), float(base_nll.sum())]
+            target = ids[:, 1:, None]
+            base = _log_probs(loaded.model, ids)
+            base_nll, base_top = -base.gather(-1, target).sum(), base.argmax(-1)
+            tokens += target.numel()
+            for v, (_, _, _, loc) in enumerate(variant_list):
+                with ablation_context(loaded, loc, values):
+                    abl = _log_probs(loaded.model, ids)
+                sums[v] += [float(-abl.gather(-1, target).sum()),
+                            float((base.exp() * (base - abl)).sum()),
+                            float((abl.argmax(-1) == base_top).sum()), float(base_nll)]
                 bar.update(len(ids))
     bar.close()
-    effects = pl.DataFrame([{
+    return pl.DataFrame([{
         "subset": name, "kind": kind, "control_index": c, "mode": config.mode,
         "size": int(sum(len(x) for x in loc.values())),
         "layers": ",".join(str(l) for l in sorted(loc)),
-        "loss": sums[v][0] / tokens, "baseline_loss": sums[v][3] / tokens,
-        "delta_loss": (sums[v][0] - sums[v][3]) / tokens, "kl": sums[v][1] / tokens,
-        "top1_agreement": sums[v][2] / tokens, "tokens": tokens,
-    } for v, (name, kind, c, loc) in enumerate(variants)]) if variants else None
-    if effects is not None:
-        tables.write_part(storage, "ablation_effects", config.run,
-                          effects.select(tables.schema("ablation_effects").names).to_arrow(),
-                          part=config.mode)
-        out["ablation_effects"] = effects
-        out["summary"] = summarize(effects)
-        plot_effects(out["summary"], storage.reports(config.run) / f"ablation_{config.mode}.png")
-    return out
+        "neuron_ids": [loaded.layer_offsets[l] + int(i) for l in sorted(loc) for i in loc[l]],
+        "loss": sums[v, 0] / tokens, "baseline_loss": sums[v, 3] / tokens,
+        "delta_loss": (sums[v, 0] - sums[v, 3]) / tokens, "kl": sums[v, 1] / tokens,
+        "top1_agreement": sums[v, 2] / tokens, "tokens": tokens,
+    } for v, (name, kind, c, loc) in enumerate(variant_list)])
 
 
 def summarize(effects: pl.DataFrame) -> pl.DataFrame:
-    """Per subset: its effects, the controls' mean and std, and where it stands among them."""
+    """Per subset: its effects, the controls' mean and std, and where it stands among them:
+    kl_percentile = share of controls with a smaller KL, kl_p_value = (controls with KL at
+    least the subset's + 1) / (controls + 1), the empirical p-value."""
     rows = []
-    for name in effects.filter(pl.col("kind") == "subset")["subset"].to_list():
-        sub = effects.filter((pl.col("subset") == name) & (pl.col("kind") == "subset")).row(0, named=True)
-        ctrl = effects.filter((pl.col("subset") == name) & (pl.col("kind") == "control"))
-        row = {"subset": name, "size": sub["size"]}
-        for metric in ("delta_loss", "kl", "top1_agreement"):
+    for sub in effects.filter(pl.col("kind") == "subset").iter_rows(named=True):
+        ctrl = effects.filter((pl.col("subset") == sub["subset"]) & (pl.col("kind") == "control"))
+        row = {"subset": sub["subset"], "size": sub["size"], "controls": ctrl.height}
+        for metric in METRICS:
             values = ctrl[metric].to_numpy()
             row[metric] = sub[metric]
             row[f"{metric}_control_mean"] = float(values.mean()) if len(values) else None
             row[f"{metric}_control_std"] = float(values.std()) if len(values) else None
-        values = ctrl["kl"].to_numpy()
-        # share of controls at least as disruptive (KL), with the +1 of an empirical p-value
-        row["kl_percentile"] = float((values < sub["kl"]).mean()) if len(values) else None
-        row["kl_p_value"] = float(((values >= sub["kl"]).sum() + 1) / (len(values) + 1))
+        kl = ctrl["kl"].to_numpy()
+        row["kl_percentile"] = float((kl < sub["kl"]).mean()) if len(kl) else None
+        row["kl_p_value"] = float(((kl >= sub["kl"]).sum() + 1) / (len(kl) + 1))
         rows.append(row)
     return pl.DataFrame(rows)
 
 
-def plot_effects(summary: pl.DataFrame, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    from pipeline.report.plots import save_png
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    methods = [s.split("_t")[0] for s in summary["subset"]]
-    for ax, metric, label in ((axes[0], "kl", "KL(baseline || ablated), nats/token"),
-                              (axes[1], "delta_loss", "change in loss, nats/token")):
-        for method in sorted(set(methods)):
-            sub = summary.filter(pl.Series(methods) == method).sort("size")
-            x = sub["size"].to_numpy()
-            ax.plot(x, sub[metric].to_numpy(), marker="o", label=method)
-            mean = sub[f"{metric}_control_mean"].to_numpy().astype(float)
-            std = sub[f"{metric}_control_std"].to_numpy().astype(float)
-            ax.fill_between(x, mean - std, mean + std, alpha=0.15)
-            ax.plot(x, mean, ls="--", lw=1, color="grey")
-        ax.set(xlabel="neurons ablated", ylabel=label, title=f"Effect vs subset size ({label.split(',')[0]})")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Subsets (lines) vs random controls of the same per-layer sizes (dashed, ±1 sd)")
-    fig.tight_layout()
-    return save_png(fig, path)
-
-
-def register(sub) -> None:
-    from pipeline.cli import add_stage_parser
-
-    parser = add_stage_parser(
-        sub, "ablate", "Ablate neuron subsets in generation and on held-out text, vs controls.",
-        "  nwh ablate --run demo-corpus --subsets degree_t0.5_r0.01 --prompts examples/prompts.csv\n"
-        "  nwh ablate --run demo-corpus --subset-files ids.npy --mode mean --controls 10\n",
-        progress=True,
-    )
-    add_arguments(parser, AblationConfig)
-    parser.set_defaults(handler=_cli)
-
-
-def _cli(args) -> int:
-    from pipeline.cli import echo
-
-    config = from_args(AblationConfig, args)
-    if not config.subsets and not config.subset_files:
-        raise UserError("give --subsets NAME... or --subset-files FILE.npy...")
-    out = ablate(config, Storage(args.storage), progress=not args.quiet)
+def show(result: AblationResult) -> str:
+    head = (f"ablation ({result.mode}) of run {result.run}: finished earlier with this config "
+            "(--overwrite redoes it)" if result.reused else
+            f"ablation ({result.mode}) of run {result.run}")
     with pl.Config(tbl_rows=50, tbl_cols=-1, tbl_width_chars=200, fmt_str_lengths=40):
-        if "summary" in out:
-            echo(out["summary"])
-    return 0
+        return f"{head}\n{result.summary}"
 
+
+STAGES = [Stage(
+    "ablate", "Ablate neuron subsets in generation and on held-out text, vs controls.",
+    "  nwh ablate --run demo-corpus --subsets degree_t0.5_r0.01 --prompts examples/prompts.csv\n"
+    "  nwh ablate --run demo-corpus --subset-files ids.npy --mode mean --controls 10\n"
+    "  nwh sql \"select subset, kind, kl, delta_loss from ablation_effects order by kl desc\"\n",
+    AblationConfig, run, show, figures="pipeline.report.ablation:draw")]

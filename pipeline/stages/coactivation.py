@@ -8,12 +8,14 @@ C[i, j] = number of token rows where neuron i of layer a and neuron j of layer b
 Streamed over token blocks (memory: one pair's matrix plus one block), stored as int64 Zarr
 arrays coact/L<a>_L<b> [d_a, d_b] of the run's arrays.zarr. The `complete` attribute is set
 last and is the completion marker: a re-run skips finished pairs, `--overwrite` recounts them.
+Then the `coactivation_pairs` table and runs/<run>/stages/coactivation-<config hash>.json (the
+resolved config: pairs, engine) are written, last.
 
 Engines (all exact, and tested to agree with each other and with a dense integer product):
   popcount  CPU: each token block is transposed to neuron-major bitsets (uint64 words over
             tokens), then C[i, j] += sum_w popcount(A_i[w] & B_j[w]), vectorised over 8 neurons
             of b with a Harley-Seal adder tree (numba + LLVM IR, parallel, blocked;
-            pipeline/bitkernels.py)
+            pipeline/kernels/bitkernels.py)
   cuda      0/1 fp16 matrix product on tensor cores with fp32 accumulation, per block of
             <= 8,192 tokens; block results are summed in fp32 while below 2^24 (exact), then
             flushed into int64
@@ -22,23 +24,22 @@ Engines (all exact, and tested to agree with each other and with a dense integer
             pair (sql/coactivation_events.sql): the definition, and the slowest
 `--engine auto` is cuda when the device is CUDA, else popcount.
 
-Edge weights of the counts (sql/edge_weights.sql): count / max count of the run, Jaccard and
-normalised PMI; `iter_pair_edges` yields them pair by pair as Arrow tables.
+Reading the counts back (read_counts, max_count, active counts, weighted edges):
+pipeline/core/coact.py.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.core import arrays, tables
-from pipeline.core.config import add_arguments, from_args, opt
+from pipeline.core import arrays, coact, tables
+from pipeline.core.config import Progress, Stage, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
-from pipeline.core.storage import Storage
+from pipeline.core.storage import Storage, finished_marker, marker_path, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class SqlCounter:
 def neuron_bitsets(packed: np.ndarray, width: int, interleave: bool = False) -> np.ndarray:
     """Token-major packed rows [t, ceil(w/8)] -> neuron-major uint64 bitsets over token rows:
     [w, ceil(t/64)], or with interleave the lane layout [ceil(w/8), ceil(t/64), 8] (word w of the
-    8 neurons of a byte column side by side; see pipeline/bitkernels.py)."""
+    8 neurons of a byte column side by side; see pipeline/kernels/bitkernels.py)."""
     from pipeline.kernels.bitkernels import to_bitsets
 
     n_bytes, n_words = arrays.packed_width(width), (packed.shape[0] + 63) // 64
@@ -227,22 +228,35 @@ def coactivation_counts(packed_a: np.ndarray, packed_b: np.ndarray, width_a: int
 # -- the stage
 
 
-@dataclass
-class CoactivationConfig:
+@dataclass(kw_only=True)
+class CoactivationConfig(Progress):
     run: str = opt(help="run whose active masks are counted")
     pairs: str | None = opt(None, help="layer pairs 'a:b,c:d' (default: every adjacent pair of "
                             "recorded layers)")
+    # every engine is exact: the engine, its device and the block size do not change the counts
     engine: str = opt("auto", help="auto (cuda on a CUDA device, else popcount), popcount, cuda, "
-                      "matmul (torch fp32 on --device), sql (DuckDB reference)", choices=ENGINES)
-    device: str = opt("auto", help="device of the cuda/matmul engines: auto, cpu, cuda, cuda:N")
+                      "matmul (torch fp32 on --device), sql (DuckDB reference)", choices=ENGINES,
+                      hash=False)
+    device: str = opt("auto", help="device of the cuda/matmul engines: auto, cpu, cuda, cuda:N",
+                      hash=False)
     chunk_tokens: int = opt(MAX_CHUNK, help="token rows read from the masks per block "
-                            f"(1..{MAX_CHUNK}; memory is one pair's matrix plus one block)")
+                            f"(1..{MAX_CHUNK}; memory is one pair's matrix plus one block)",
+                            hash=False)
+    overwrite: bool = opt(False, help="recount pairs already counted", hash=False)
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise UserError(f"--engine {self.engine!r} is unknown: use one of {', '.join(ENGINES)}")
         if not 1 <= self.chunk_tokens <= MAX_CHUNK:
             raise UserError(f"--chunk-tokens {self.chunk_tokens} is out of range: use 1..{MAX_CHUNK}")
+
+
+@dataclass
+class CoactivationResult:
+    run: str
+    pairs: list[dict]                               # attributes of every requested pair
+    counted: list[tuple[int, int]] = field(default_factory=list)
+    skipped: list[tuple[int, int]] = field(default_factory=list)  # already counted
 
 
 def parse_pairs(spec: str | None, layers: list[int]) -> list[tuple[int, int]]:
@@ -264,24 +278,10 @@ def parse_pairs(spec: str | None, layers: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def pair_name(a: int, b: int) -> str:
-    return f"coact/L{a}_L{b}"
-
-
 def _is_complete(group, name: str, rows: int) -> bool:
     """A pair is finished when its marker is set and it counted every committed row of the run."""
     return name in group and bool(group[name].attrs.get("complete")) and \
         group[name].attrs.get("tokens") == rows
-
-
-def read_counts(storage: Storage, run: str, a: int, b: int) -> np.ndarray:
-    """The finished int64 counts [d_a, d_b] of a pair of a run."""
-    path, name = storage.arrays(run), pair_name(a, b)
-    group = arrays.open_group(path, mode="r") if path.exists() else {}
-    if name not in group or not group[name].attrs.get("complete"):
-        raise UserError(f"run {run!r} has no co-activation counts for layers {a}:{b}: "
-                        f"run `nwh coactivation --run {run} --pairs {a}:{b}`")
-    return group[name][:]
 
 
 def count_pair(group, a: int, b: int, widths: dict[int, int], rows: int, engine: str, device: str,
@@ -297,212 +297,87 @@ def count_pair(group, a: int, b: int, widths: dict[int, int], rows: int, engine:
     return counter.result()
 
 
-def coactivation(config: CoactivationConfig, storage: Storage, *, overwrite: bool = False,
-                 progress: bool = True) -> dict[tuple[int, int], str]:
-    """Count every requested pair of a run; returns (a, b) -> Zarr array path in arrays.zarr."""
+def _store_pair(group, a: int, b: int, counts: np.ndarray, rows: int, engine: str,
+                chunk_tokens: int, seconds: float) -> None:
+    array = group.create_array(name=arrays.pair_name(a, b), shape=counts.shape, dtype="int64",
+                               chunks=(max(1, min(1024, counts.shape[0])), max(1, counts.shape[1])),
+                               overwrite=True)
+    array[:] = counts
+    # the marker goes last: an interrupted write leaves an array without it, recounted next time
+    array.attrs.update(tokens=rows, engine=engine, chunk_tokens=chunk_tokens,
+                       seconds=round(seconds, 3), max_count=int(counts.max(initial=0)),
+                       nonzero=int(np.count_nonzero(counts)), total=int(counts.sum()))
+    array.attrs.update(complete=True)
+
+
+def run(config: CoactivationConfig, storage: Storage) -> CoactivationResult:
+    """Count every requested pair of a run that is not counted yet (all with --overwrite)."""
     from tqdm.auto import tqdm
 
     manifest = storage.finished_run(config.run)
-    widths = dict(zip(manifest["model"]["layers"], _layer_widths(manifest)))
+    widths = coact.layer_widths(manifest)
     pairs = parse_pairs(config.pairs, list(widths))
     engine, device = resolve_engine(config.engine, config.device)
     group = arrays.open_group(storage.arrays(config.run))
     rows = int(manifest["rows"])
-    out: dict[tuple[int, int], str] = {}
-    todo = [p for p in pairs if overwrite or not _is_complete(group, pair_name(*p), rows)]
-    for a, b in pairs:
-        if (a, b) not in todo:
-            log.info("pair %d:%d of run %s is already counted: skipped (--overwrite recounts)",
-                     a, b, config.run)
-    bar = tqdm(total=len(todo) * rows, unit="tok", unit_scale=True, disable=not progress,
-               desc=f"coactivation {config.run} ({engine})")
-    for a, b in pairs:
-        name = pair_name(a, b)
-        out[(a, b)] = name
-        if (a, b) not in todo:
-            continue
-        t0 = time.perf_counter()
-        counts = count_pair(group, a, b, widths, rows, engine, device, config.chunk_tokens, bar)
-        seconds = time.perf_counter() - t0
-        array = group.create_array(name=name, shape=counts.shape, dtype="int64",
-                                   chunks=(max(1, min(1024, counts.shape[0])), max(1, counts.shape[1])),
-                                   overwrite=True)
-        array[:] = counts
-        # the marker goes last: an interrupted write leaves an array without it, recounted next time
-        array.attrs.update(tokens=rows, engine=engine, chunk_tokens=config.chunk_tokens,
-                           seconds=round(seconds, 3), max_count=int(counts.max(initial=0)),
-                           nonzero=int(np.count_nonzero(counts)), total=int(counts.sum()))
-        array.attrs.update(complete=True)
-        log.info("pair %d:%d of run %s: %d x %d counts over %d tokens in %.2f s (%s)",
-                 a, b, config.run, counts.shape[0], counts.shape[1], rows, seconds, engine)
-    bar.close()
-    _write_pairs_table(storage, config.run, group)
-    return out
-
-
-def _layer_widths(manifest: dict) -> list[int]:
-    """Width of each recorded layer (model.widths lists every layer of the model)."""
-    return [int(manifest["model"]["widths"][l]) for l in manifest["model"]["layers"]]
-
-
-def completed_pairs(group) -> list[tuple[int, int]]:
-    """(a, b) of every pair of a run's Zarr group that carries the completion marker."""
-    if "coact" not in group:
-        return []
-    return sorted(tuple(int(x[1:]) for x in key.split("_"))
-                  for key, array in group["coact"].arrays() if array.attrs.get("complete"))
+    digest = config_hash(config, pairs=pairs, rows=rows, extraction=manifest.get("config_hash"))
+    # one marker per pair selection (a stable name, so Makefile targets can key on it)
+    marker = marker_path(storage, config.run, "coactivation",
+                         "adjacent" if not config.pairs else config.pairs.replace(":", "-"))
+    todo = [p for p in pairs if config.overwrite or not _is_complete(group, arrays.pair_name(*p), rows)]
+    skipped = [p for p in pairs if p not in todo]
+    for a, b in skipped:
+        log.info("pair %d:%d of run %s is already counted: skipped (--overwrite recounts)",
+                 a, b, config.run)
+    with tqdm(total=len(todo) * rows, unit="tok", unit_scale=True, disable=config.quiet,
+              desc=f"coactivation {config.run} ({engine})") as bar:
+        for a, b in todo:
+            t0 = time.perf_counter()
+            counts = count_pair(group, a, b, widths, rows, engine, device, config.chunk_tokens, bar)
+            seconds = time.perf_counter() - t0
+            _store_pair(group, a, b, counts, rows, engine, config.chunk_tokens, seconds)
+            log.info("pair %d:%d of run %s: %d x %d counts over %d tokens in %.2f s (%s)",
+                     a, b, config.run, counts.shape[0], counts.shape[1], rows, seconds, engine)
+    if todo or finished_marker(marker, digest) is None:
+        _write_pairs_table(storage, config.run, group)
+        write_marker(marker, to_dict(config), digest, engine=engine,
+                     pairs=[list(p) for p in pairs], counted=[list(p) for p in todo])
+    attrs = [{"layer_a": a, "layer_b": b, **group[arrays.pair_name(a, b)].attrs} for a, b in pairs]
+    return CoactivationResult(config.run, attrs, todo, skipped)
 
 
 def _write_pairs_table(storage: Storage, run: str, group) -> None:
     """One row per counted pair of the run (the `coactivation_pairs` table)."""
-    cols: dict[str, list] = {k: [] for k in ("layer_a", "layer_b", "tokens", "max_count",
-                                              "nonzero", "total", "engine", "seconds")}
-    for a, b in completed_pairs(group):
-        attrs = dict(group[pair_name(a, b)].attrs)
+    keys = ("tokens", "max_count", "nonzero", "total", "engine", "seconds")
+    cols: dict[str, list] = {k: [] for k in ("layer_a", "layer_b", *keys)}
+    for a, b in coact.completed_pairs(group):
+        attrs = dict(group[arrays.pair_name(a, b)].attrs)
         if "nonzero" not in attrs:  # counted by an older version: derive from the counts
-            counts = group[pair_name(a, b)][:]
+            counts = group[arrays.pair_name(a, b)][:]
             attrs.update(nonzero=int(np.count_nonzero(counts)), total=int(counts.sum()))
         cols["layer_a"].append(a)
         cols["layer_b"].append(b)
-        for k in ("tokens", "max_count", "nonzero", "total", "engine", "seconds"):
+        for k in keys:
             cols[k].append(attrs[k])
     tables.write_part(storage, "coactivation_pairs", run, cols)
 
 
-# -- weights of the counts (sql/edge_weights.sql)
+def show(result: CoactivationResult) -> str:
+    lines = []
+    for p in result.pairs:
+        a, b = p["layer_a"], p["layer_b"]
+        note = " (already counted: skipped; --overwrite recounts)" \
+            if (a, b) in result.skipped else ""
+        lines.append(f"L{a}->L{b}: max count {p['max_count']}, {p.get('nonzero', '?')} nonzero "
+                     f"pairs over {p['tokens']} tokens ({p['engine']}, {p['seconds']:.2f} s) -> "
+                     f"{arrays.pair_name(a, b)}{note}")
+    return "\n".join(lines)
 
 
-def max_count(storage: Storage, run: str) -> int:
-    """The largest count over every counted pair of the run (the reference normaliser)."""
-    path = storage.arrays(run)
-    group = arrays.open_group(path, mode="r") if path.exists() else None
-    pairs = [] if group is None else completed_pairs(group)
-    if not pairs:
-        raise UserError(f"run {run!r} has no co-activation counts: run `nwh coactivation --run {run}`")
-    return max(int(group[pair_name(a, b)].attrs["max_count"]) for a, b in pairs)
-
-
-def active_counts(storage: Storage, run: str) -> dict[int, np.ndarray]:
-    """Per layer, the number of token rows where each neuron is active (neuron_stats.active_count;
-    counted from the masks for a layer that table lacks)."""
-    manifest = storage.finished_run(run)
-    stats = tables.read_partition(storage, "neuron_stats", run)
-    layer = stats["layer"].to_numpy()
-    count = stats["active_count"].to_numpy()
-    neuron = stats["neuron"].to_numpy()
-    out = {}
-    for l, w in zip(manifest["model"]["layers"], _layer_widths(manifest)):
-        sel = layer == l
-        if sel.sum() == w:
-            arr = np.zeros(w, np.int64)
-            arr[neuron[sel]] = count[sel]
-        else:
-            arr = _mask_active_counts(storage, run, int(l), w, int(manifest["rows"]))
-        out[int(l)] = arr
-    return out
-
-
-_active_counts = active_counts  # the name the graph stage imports
-
-
-def _mask_active_counts(storage: Storage, run: str, layer: int, width: int, rows: int) -> np.ndarray:
-    group = arrays.open_group(storage.arrays(run), mode="r")
-    mask = group[f"active/L{layer}"]
-    out = np.zeros(width, np.int64)
-    for s in range(0, rows, MAX_CHUNK):
-        out += arrays.unpack_mask(mask[s:min(s + MAX_CHUNK, rows)], width).sum(axis=0)
-    return out
-
-
-def edge_weights(con, edges, active, *, tokens: int, max_count_value: int):
-    """Run sql/edge_weights.sql over Arrow tables `edges` (layer_a, neuron_a, layer_b, neuron_b,
-    count) and `active` (layer, neuron, active_count) on a DuckDB connection; Arrow table."""
-    from pipeline.core.warehouse import load_sql
-
-    con.register("edges", edges)
-    con.register("active", active)
-    try:
-        return con.sql(load_sql("edge_weights"),
-                       params={"tokens": tokens, "max_count": max_count_value}).to_arrow_table()
-    finally:
-        con.unregister("edges")
-        con.unregister("active")
-
-
-def _active_table(active: dict[int, np.ndarray], layers):
-    import pyarrow as pa
-
-    layers = sorted(set(layers))
-    return pa.table({
-        "layer": np.concatenate([np.full(len(active[l]), l, np.int32) for l in layers]),
-        "neuron": np.concatenate([np.arange(len(active[l]), dtype=np.int32) for l in layers]),
-        "active_count": np.concatenate([active[l] for l in layers]).astype(np.int64),
-    })
-
-
-def iter_pair_edges(storage: Storage, run: str, pairs: list[tuple[int, int]] | None = None
-                    ) -> Iterator[tuple[tuple[int, int], object]]:
-    """Pair by pair, the edges with count > 0 of every counted pair of a run (or of `pairs`),
-    as Arrow tables (layer_a, neuron_a, layer_b, neuron_b, count, normalized, jaccard, npmi)
-    sorted by (neuron_a, neuron_b). Memory: one pair's counts and edges at a time."""
-    import duckdb
-    import pyarrow as pa
-
-    manifest = storage.finished_run(run)
-    tokens = int(manifest["rows"])
-    mc = max_count(storage, run)
-    active = active_counts(storage, run)
-    group = arrays.open_group(storage.arrays(run), mode="r")
-    con = duckdb.connect()
-    try:
-        for a, b in (completed_pairs(group) if pairs is None else pairs):
-            counts = read_counts(storage, run, a, b)
-            i, j = np.nonzero(counts)
-            edges = pa.table({
-                "layer_a": np.full(len(i), a, np.int32), "neuron_a": i.astype(np.int32),
-                "layer_b": np.full(len(i), b, np.int32), "neuron_b": j.astype(np.int32),
-                "count": counts[i, j],
-            })
-            del counts
-            yield (a, b), edge_weights(con, edges, _active_table(active, (a, b)), tokens=tokens,
-                                       max_count_value=mc)
-    finally:
-        con.close()
-
-
-def pair_edges(storage: Storage, run: str, a: int, b: int):
-    """The weighted edges (count > 0) of one pair of a run, as an Arrow table."""
-    return next(iter_pair_edges(storage, run, [(a, b)]))[1]
-
-
-# -- CLI
-
-
-def register(sub) -> None:
-    from pipeline.cli import add_stage_parser
-
-    parser = add_stage_parser(
-        sub, "coactivation", "Count co-activations of neuron pairs of adjacent layers (exact).",
-        "  nwh coactivation --run demo-corpus\n"
-        "  nwh coactivation --run demo-corpus --pairs 0:2,1:3 --engine sql\n"
-        "  nwh coactivation --run demo-corpus --engine cuda --overwrite\n"
-        "  nwh sql \"select * from coactivation_pairs\"\n",
-        progress=True,
-    )
-    add_arguments(parser, CoactivationConfig)
-    parser.add_argument("--overwrite", action="store_true", help="recount pairs already counted")
-    parser.set_defaults(handler=_cli)
-
-
-def _cli(args) -> int:
-    from pipeline.cli import echo
-
-    config = from_args(CoactivationConfig, args)
-    storage = Storage(args.storage)
-    done = coactivation(config, storage, overwrite=args.overwrite, progress=not args.quiet)
-    group = arrays.open_group(storage.arrays(config.run), mode="r")
-    for (a, b), name in done.items():
-        attrs = group[name].attrs
-        echo(f"L{a}->L{b}: max count {attrs['max_count']}, {attrs['nonzero']} nonzero pairs over "
-             f"{attrs['tokens']} tokens ({attrs['engine']}, {attrs['seconds']:.2f} s) -> {name}")
-    return 0
+STAGES = [Stage(
+    "coactivation", "Count co-activations of neuron pairs of adjacent layers (exact).",
+    "  nwh coactivation --run demo-corpus\n"
+    "  nwh coactivation --run demo-corpus --pairs 0:2,1:3 --engine sql\n"
+    "  nwh coactivation --run demo-corpus --engine cuda --overwrite\n"
+    "  nwh sql \"select * from coactivation_pairs\"\n",
+    CoactivationConfig, run, show)]

@@ -1,13 +1,14 @@
-"""Dormant neurons per layer, from neuron_stats in SQL; a sweep over training checkpoints.
+"""Dormant neurons per layer, from neuron_stats in SQL.
 
     nwh dormancy --run demo-corpus --threshold 0.1
     nwh dormancy --run demo-corpus --definition never_active --log-file dormancy.csv
-    nwh dormancy-sweep --model zoo-s0                       # every zoo checkpoint
-    nwh dormancy-sweep --model EleutherAI/pythia-70m-deduped --revisions "step0 step1000 step143000"
 
-The per-layer log is written in the reference CSV format:
+Writes the `dormancy` table (part <definition>-<threshold>, the threshold written exactly) and
+the per-layer log in the reference CSV format, by default under reports/<run>/:
     timestamp,model,revision,step,threshold,layer_name,layer_index,num_neurons,num_dormant,
     pct_dormant,avg_activation,max_activation
+The sweep over training checkpoints (extract + dormancy per revision) is a flow:
+pipeline/flows.py, `nwh dormancy-sweep`.
 """
 
 from __future__ import annotations
@@ -23,40 +24,68 @@ from pathlib import Path
 import polars as pl
 
 from pipeline.core import tables
-from pipeline.core.config import add_arguments, from_args, opt
+from pipeline.core.config import Stage, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
-from pipeline.core.storage import Storage, atomic_path, slug
+from pipeline.core.storage import (
+    Storage,
+    atomic_path,
+    finished_marker,
+    marker_path,
+    slug,
+    write_marker,
+)
 
 log = logging.getLogger(__name__)
 
 DEFINITIONS = ("tau", "never_active", "max_abs")
+LOG_MODES = ("append", "write")
 LOG_COLUMNS = ("timestamp", "model", "revision", "step", "threshold", "layer_name", "layer_index",
                "num_neurons", "num_dormant", "pct_dormant", "avg_activation", "max_activation")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DormancyConfig:
     run: str = opt(help="an extraction run")
     threshold: float = opt(0.1, help="tau: dormant iff score <= tau (definition tau)")
     definition: str = opt("tau", help="tau (Sokar et al. 2023), never_active or max_abs",
                           choices=DEFINITIONS)
     epsilon: float = opt(1e-6, help="max_abs: dormant iff max |a| <= epsilon")
-    log_file: str | None = opt(None, help="CSV log (default dormancy_results_<model>_<time>.csv)")
-    log_mode: str = opt("append", help="append to the log or write it anew",
-                        choices=("append", "write"))
+    log_file: str | None = opt(None, help="CSV log (default reports/<run>/dormancy_results_"
+                               "<model>_<time>.csv under the storage root)", hash=False)
+    log_mode: str = opt("append", help="append to the log or write it anew", choices=LOG_MODES,
+                        hash=False)
     step: int | None = opt(None, help="training step to log (default: parsed from the revision)")
     revision: str | None = opt(None, help="revision to log (default: the run's)")
+    overwrite: bool = opt(False, help="recompute the table even when this configuration is "
+                          "already done", hash=False)
 
     def __post_init__(self) -> None:
-        if self.definition not in DEFINITIONS:
-            raise UserError(f"--definition {self.definition!r} is unknown: use one of "
-                            f"{', '.join(DEFINITIONS)}")
-        if self.threshold < 0:
-            raise UserError(f"--threshold must be >= 0, got {self.threshold}")
-        if self.epsilon < 0:
-            raise UserError(f"--epsilon must be >= 0, got {self.epsilon}")
-        if self.log_mode not in ("append", "write"):
-            raise UserError(f"--log-mode {self.log_mode!r} is unknown: use append or write")
+        check_dormancy_options(self.definition, self.threshold, self.epsilon, self.log_mode)
+
+    @property
+    def tau(self) -> float:
+        """The threshold the definition uses (epsilon for max_abs)."""
+        return self.epsilon if self.definition == "max_abs" else self.threshold
+
+    @property
+    def part(self) -> str:
+        """Table part (and marker key) of this definition and threshold; repr keeps every digit,
+        so two thresholds never share a part."""
+        return f"{self.definition}-{self.tau!r}"
+
+
+def check_dormancy_options(definition: str, threshold: float, epsilon: float,
+                           log_mode: str) -> None:
+    """The one-line errors of the options a dormancy run takes (also the sweep's)."""
+    if definition not in DEFINITIONS:
+        raise UserError(f"--definition {definition!r} is unknown: use one of "
+                        f"{', '.join(DEFINITIONS)}")
+    if threshold < 0:
+        raise UserError(f"--threshold must be >= 0, got {threshold}")
+    if epsilon < 0:
+        raise UserError(f"--epsilon must be >= 0, got {epsilon}")
+    if log_mode not in LOG_MODES:
+        raise UserError(f"--log-mode {log_mode!r} is unknown: use append or write")
 
 
 def parse_step(revision: str | None) -> int | None:
@@ -94,27 +123,57 @@ def layer_dormancy(neurons: pl.DataFrame) -> pl.DataFrame:
         con.close()
 
 
-def dormancy(config: DormancyConfig, storage: Storage) -> tuple[pl.DataFrame, Path]:
-    """Per-layer dormancy of a run: warehouse table `dormancy`, the CSV log; returns (rows, log)."""
+@dataclass
+class DormancyResult:
+    run: str
+    rows: pl.DataFrame   # the dormancy table's rows of this definition and threshold
+    log_file: Path
+    skipped: bool = False
+
+
+def default_log_file(storage: Storage, report: str, model: str) -> Path:
+    """reports/<report>/dormancy_results_<model>_<time>.csv (the reference name), never the
+    current directory."""
+    name = f"dormancy_results_{slug(model.replace('/', '_'))}_{datetime.now():%Y%m%d_%H%M%S}.csv"
+    return storage.reports(report) / name
+
+
+def run(config: DormancyConfig, storage: Storage) -> DormancyResult:
+    """Per-layer dormancy of a run: warehouse table `dormancy`, and the CSV log."""
     manifest = storage.finished_run(config.run)
     model = manifest["model"]["name"]
+    key = config_hash(config)
+    marker = marker_path(storage, config.run, "dormancy", config.part)
+    part = storage.table_partition("dormancy", config.run) / f"{config.part}.parquet"
+    skipped = not config.overwrite and finished_marker(marker, key) is not None and part.exists()
+    if skipped:
+        rows = pl.read_parquet(part).select(tables.schema("dormancy").names)
+    else:
+        rows = dormancy_rows(storage, config, manifest)
+        tables.write_part(storage, "dormancy", config.run, rows.to_arrow(), part=config.part)
+    log_file = (Path(config.log_file) if config.log_file
+                else default_log_file(storage, config.run, model))
+    write_log(rows, log_file, mode=config.log_mode)
+    if not skipped:
+        write_marker(marker, to_dict(config), key, layers=rows.height)
+    return DormancyResult(config.run, rows, log_file, skipped)
+
+
+def dormancy_rows(storage: Storage, config: DormancyConfig, manifest: dict) -> pl.DataFrame:
+    """The dormancy table's rows (its declared types): per-layer summaries with the run's model,
+    revision and step."""
     revision = config.revision or manifest["model"].get("revision")
     step = config.step if config.step is not None else parse_step(revision)
-    threshold = config.epsilon if config.definition == "max_abs" else config.threshold
     layers = layer_dormancy(dormant_neurons(storage, config.run, definition=config.definition,
                                             threshold=config.threshold, epsilon=config.epsilon))
-    timestamp = datetime.now().isoformat(timespec="seconds")
     rows = layers.with_columns(
-        pl.lit(timestamp).alias("timestamp"), pl.lit(model).alias("model"),
+        pl.lit(datetime.now().isoformat(timespec="seconds")).alias("timestamp"),
+        pl.lit(manifest["model"]["name"]).alias("model"),
         pl.lit(revision or "N/A").alias("revision"), pl.lit(step, pl.Int64).alias("step"),
-        pl.lit(config.definition).alias("definition"), pl.lit(threshold).alias("threshold"),
-    ).select(tables.schema("dormancy").names)
-    tables.write_part(storage, "dormancy", config.run, rows.to_arrow(),
-                      part=f"{config.definition}-{threshold:g}")
-    log_file = Path(config.log_file) if config.log_file else Path(
-        f"dormancy_results_{slug(model.replace('/', '_'))}_{datetime.now():%Y%m%d_%H%M%S}.csv")
-    write_log(rows, log_file, mode=config.log_mode)
-    return rows, log_file
+        pl.lit(config.definition).alias("definition"),
+        pl.lit(config.tau, pl.Float64).alias("threshold"),
+    )
+    return pl.from_arrow(tables.to_arrow("dormancy", rows.to_arrow()))
 
 
 def _fmt(value, digits: int | None = None) -> str:
@@ -146,114 +205,22 @@ def read_log(path: str | Path) -> pl.DataFrame:
     return pl.read_csv(path, null_values=["N/A"], infer_schema_length=None)
 
 
-# -- sweep over checkpoints
-
-
-@dataclass
-class SweepConfig:
-    model: str = opt(help="zoo name, local folder with revision subfolders, or hub id")
-    revisions: str | None = opt(None, help="space-separated revisions, e.g. 'step0 step1000' "
-                                "(default: every checkpoint of a zoo or local model)")
-    corpus: str = opt("stdlib", help="corpus for extraction")
-    num_samples: int = opt(64, help="corpus windows per checkpoint")
-    max_length: int = opt(128, help="tokens per window")
-    batch_size: int = opt(8, help="windows per forward pass")
-    device: str = opt("auto", help="auto, cpu, cuda")
-    threshold: float = opt(0.1, help="tau")
-    definition: str = opt("tau", help="tau, never_active or max_abs", choices=DEFINITIONS)
-    log_file: str | None = opt(None, help="CSV log every checkpoint is appended to")
-    log_mode: str = opt("append", help="append, or write the log anew before the first checkpoint",
-                        choices=("append", "write"))
-
-    def __post_init__(self) -> None:
-        DormancyConfig(run="x", threshold=self.threshold, definition=self.definition,
-                       log_mode=self.log_mode)  # same validation
-
-
-def sweep_revisions(storage: Storage, model: str, revisions: str | None) -> list[str]:
-    if revisions:
-        return revisions.split()
-    from pipeline.models.zoo import is_zoo_name, zoo_revisions
-
-    if is_zoo_name(model):
-        return zoo_revisions(storage, model)
-    root = Path(model)
-    if root.is_dir():
-        found = [p.name for p in root.iterdir() if (p / "config.json").exists()]
-        if found:
-            return sorted(found, key=lambda r: (parse_step(r) is None, parse_step(r) or 0, r))
-    raise UserError(f"model {model!r} has no local checkpoints to sweep: pass --revisions, e.g. "
-                    "'step0 step1000 step143000'")
-
-
-def dormancy_sweep(config: SweepConfig, storage: Storage, *, progress: bool = True) -> tuple[pl.DataFrame, Path]:
-    from pipeline.stages.extract import ExtractConfig, extract
-
-    revisions = sweep_revisions(storage, config.model, config.revisions)
-    log_file = Path(config.log_file) if config.log_file else Path(
-        f"dormancy_results_{slug(config.model.replace('/', '_'))}_{datetime.now():%Y%m%d_%H%M%S}.csv")
-    frames = []
-    for i, revision in enumerate(revisions):
-        extract_config = ExtractConfig(
-            model=config.model, revision=revision, corpus=config.corpus, device=config.device,
-            num_samples=config.num_samples, max_length=config.max_length,
-            batch_size=config.batch_size,
-            run=slug(Path(config.model).name, revision, Path(config.corpus).name.split(":")[0],
-                     f"n{config.num_samples}x{config.max_length}"))
-        extract(extract_config, storage, progress=progress)  # resumable; skipped when finished
-        rows, _ = dormancy(DormancyConfig(
-            run=extract_config.run_id, threshold=config.threshold, definition=config.definition,
-            log_file=str(log_file), log_mode="write" if i == 0 and config.log_mode == "write"
-            else "append", revision=revision), storage)
-        frames.append(rows)
-        log.info("%s %s: %.2f%% dormant on average", config.model, revision,
-                 rows["pct_dormant"].mean())
-    return pl.concat(frames), log_file
-
-
-# -- CLI
-
-
-def register(sub) -> None:
-    from pipeline.cli import add_stage_parser
-
-    parser = add_stage_parser(
-        sub, "dormancy", "Dormant neurons per layer of a run (tau-dormant and other definitions).",
-        "  nwh dormancy --run demo-corpus --threshold 0.1\n"
-        "  nwh dormancy --run demo-corpus --definition never_active --log-file log.csv\n"
-        "  nwh dormancy --run pythia-step1000 --revision step1000 --log-mode append --log-file p.csv\n",
-    )
-    add_arguments(parser, DormancyConfig)
-    parser.set_defaults(handler=_cli)
-
-    parser = add_stage_parser(
-        sub, "dormancy-sweep", "Extract every checkpoint of a model and log its dormancy.",
-        "  nwh dormancy-sweep --model zoo-s0 --log-file zoo_s0.csv\n"
-        "  nwh dormancy-sweep --model EleutherAI/pythia-70m-deduped \\\n"
-        "      --revisions 'step0 step1000 step143000' --corpus wikitext --num-samples 500\n",
-        progress=True,
-    )
-    add_arguments(parser, SweepConfig)
-    parser.set_defaults(handler=_cli_sweep)
-
-
-def _print(rows: pl.DataFrame, log_file: Path) -> None:
-    from pipeline.cli import echo
-
+def format_rows(rows: pl.DataFrame, log_file: Path) -> str:
+    """The per-layer table and where it was logged (the CLI's text)."""
     with pl.Config(tbl_rows=200, tbl_cols=-1, tbl_width_chars=160):
-        echo(rows.select("revision", "step", "layer_index", "num_neurons", "num_dormant",
-                         "pct_dormant", "avg_activation", "max_activation"))
-    echo(f"logged {rows.height} rows to {log_file}")
+        table = str(rows.select("revision", "step", "layer_index", "num_neurons", "num_dormant",
+                                "pct_dormant", "avg_activation", "max_activation"))
+    return f"{table}\nlogged {rows.height} rows to {log_file}"
 
 
-def _cli(args) -> int:
-    rows, log_file = dormancy(from_args(DormancyConfig, args), Storage(args.storage))
-    _print(rows, log_file)
-    return 0
+def show(result: DormancyResult) -> str:
+    head = "stored result of this configuration (--overwrite recomputes it)\n" if result.skipped else ""
+    return head + format_rows(result.rows, result.log_file)
 
 
-def _cli_sweep(args) -> int:
-    rows, log_file = dormancy_sweep(from_args(SweepConfig, args), Storage(args.storage),
-                                    progress=not args.quiet)
-    _print(rows, log_file)
-    return 0
+STAGES = [Stage(
+    "dormancy", "Dormant neurons per layer of a run (tau-dormant and other definitions).",
+    "  nwh dormancy --run demo-corpus --threshold 0.1\n"
+    "  nwh dormancy --run demo-corpus --definition never_active --log-file log.csv\n"
+    "  nwh dormancy --run pythia-step1000 --revision step1000 --log-mode append --log-file p.csv\n",
+    DormancyConfig, run, show)]

@@ -8,22 +8,23 @@ line), _neuron_frequency.csv and _activation_matrix.npz (matrix: samples x neuro
 int32; neuron_ids: the column's neuron id; neuron_map: dict neuron id -> column, read with
 allow_pickle as the reference does). Column names are those the reference readers look up
 (`node_id`, `neuron_id`, `activation_count`, `sample_id`, `input_text`, `output`).
-Every file is written to a temporary name and renamed.
+Every file is written to a temporary name and renamed; an --out-dir that is a file is refused.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.core import arrays, tables
+from pipeline.core.config import Stage, opt
 from pipeline.core.errors import UserError
-from pipeline.core.storage import Storage, atomic_path
+from pipeline.core.storage import Storage, atomic_path, validate_run_id
 
 log = logging.getLogger(__name__)
 
@@ -37,29 +38,83 @@ def _active_rows(group, layers, widths, start, stop) -> np.ndarray:
                            for l in layers], axis=1)
 
 
-def export_run(storage: Storage, run: str, out_dir: Path, prefix: str, *,
-               edges: bool = True) -> list[Path]:
-    from pipeline.stages.frequencies import neuron_frequency
+@dataclass(kw_only=True)
+class ExportConfig:
+    run: str = opt(help="an extraction run")
+    out_dir: str = opt(help="folder for the files (created if missing)")
+    prefix: str | None = opt(None, help="file name prefix (default: the run's model name)")
+    edges: bool = opt(True, help="write the full edge list (large for big models)")
 
-    manifest = storage.finished_run(run)
-    layers, widths = manifest["model"]["layers"], manifest["model"]["widths"]
-    neurons = tables.read_partition(storage, "neurons", run)
+    def __post_init__(self) -> None:
+        validate_run_id(self.run)
+        out = Path(self.out_dir)
+        for folder in (out, *out.parents):
+            if folder.exists():
+                if not folder.is_dir():
+                    where = "" if folder == out else f": its parent {str(folder)!r}"
+                    raise UserError(f"--out-dir {self.out_dir!r}{where} is a file: give a folder")
+                break
+        if self.prefix is not None and (not self.prefix or "/" in self.prefix
+                                        or self.prefix.startswith(".")):
+            raise UserError(f"--prefix {self.prefix!r} must be a plain file name prefix")
+
+
+@dataclass
+class ExportResult:
+    paths: list[Path]
+
+
+def run(config: ExportConfig, storage: Storage) -> ExportResult:
+    """The reference scripts' files of a run, each written to a temporary name and renamed."""
+    manifest = storage.finished_run(config.run)
+    prefix = config.prefix or Path(manifest["model"]["name"]).name
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    neurons = tables.read_partition(storage, "neurons", config.run)
+    frequency_table = _neuron_frequency(storage, config.run)
+    count_of = dict(zip(frequency_table["neuron_id"].to_list(),
+                        frequency_table["activation_count"].to_list()))
     ids = neurons["neuron_id"].to_numpy()
+    ever = np.flatnonzero([count_of[n] > 0 for n in ids.tolist()])  # columns of the masks
+    dataset, acts_json = (out_dir / f"{prefix}_activation_dataset.csv",
+                          out_dir / f"{prefix}_neuron_activations.json")
+    matrix = write_token_files(storage, config.run, manifest, dataset, acts_json, ids, ever)
+    paths = [dataset, acts_json, write_attributes(out_dir / f"{prefix}_neuron_attributes.csv",
+                                                  neurons)]
+    if config.edges:
+        paths.append(write_edge_list(out_dir / f"{prefix}_neuron_edges.el", neurons))
+    frequency = out_dir / f"{prefix}_neuron_frequency.csv"
+    with atomic_path(frequency) as tmp:
+        frequency_table.write_csv(tmp)
+    paths.append(frequency)
+    paths.append(write_matrix(out_dir / f"{prefix}_activation_matrix.npz", matrix,
+                              ids[ever]))
+    return ExportResult(paths)
+
+
+def _neuron_frequency(storage: Storage, run: str):
+    """sql/neuron_frequency.sql: the reference neuron_frequency.csv, one row per neuron in
+    neuron_id order (the order of the neurons table)."""
+    from pipeline.core.warehouse import connect, load_sql
+
+    con = connect(storage)
+    try:
+        return con.sql(load_sql("neuron_frequency"), params={"run_id": run}).pl()
+    finally:
+        con.close()
+
+
+def write_token_files(storage: Storage, run: str, manifest: dict, dataset: Path, acts_json: Path,
+                      ids: np.ndarray, ever: np.ndarray) -> np.ndarray:
+    """The token-level dataset CSV and the active ids per row (JSON), streamed over row blocks
+    from one read of the masks, which also gives the activation matrix's columns `ever`."""
+    rows = manifest["rows"]
+    layers, widths = manifest["model"]["layers"], manifest["model"]["widths"]
     group = arrays.open_group(storage.arrays(run), mode="r")
     tokens = tables.read_partition(storage, "tokens", run).to_pydict()
-    rows = manifest["rows"]
-    frequency_table = neuron_frequency(storage, run)
-    count = dict(zip(frequency_table["neuron_id"].to_list(),
-                     frequency_table["activation_count"].to_list()))
-    ever = np.array([k for k, n in enumerate(ids.tolist()) if count[n] > 0], np.int64)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    matrix_blocks = []  # the activation matrix's columns of each row block, from the same read
-
-    # token-level dataset and active ids per row, streamed over row blocks
-    dataset = out_dir / f"{prefix}_activation_dataset.csv"
-    acts_json = out_dir / f"{prefix}_neuron_activations.json"
-    prompts = _prompt_texts(manifest, tokens)
+    prompts = _prompt_texts(tokens)
+    offsets = np.concatenate([[0], np.cumsum([widths[l] for l in layers])])
+    matrix_blocks = [np.zeros((0, len(ever)), np.int32)]
     with atomic_path(dataset) as tmp_csv, atomic_path(acts_json) as tmp_json:
         with open(tmp_csv, "w", newline="") as fc, open(tmp_json, "w") as fj:
             writer = csv.writer(fc)
@@ -67,52 +122,42 @@ def export_run(storage: Storage, run: str, out_dir: Path, prefix: str, *,
                              "output", "output_id", "number_of_active_neurons"]
                             + [f"layer_{l}_num_active_neurons" for l in layers])
             fj.write("{")
-            offsets = np.concatenate([[0], np.cumsum([widths[l] for l in layers])])
             for start in range(0, rows, BLOCK):
                 stop = min(start + BLOCK, rows)
                 block = _active_rows(group, layers, widths, start, stop)
                 matrix_blocks.append(block[:, ever].astype(np.int32))
+                per_layer = np.add.reduceat(block, offsets[:-1], axis=1, dtype=np.int64)
                 for k, r in enumerate(range(start, stop)):
-                    per_layer = [int(block[k, offsets[i]:offsets[i + 1]].sum())
-                                 for i in range(len(layers))]
                     writer.writerow([r, tokens["prompt_sample"][r], tokens["position"][r],
                                      prompts[tokens["sample"][r]], tokens["token"][r],
-                                     tokens["token_id"][r], sum(per_layer), *per_layer])
+                                     tokens["token_id"][r], int(per_layer[k].sum()),
+                                     *per_layer[k].tolist()])
                     active = ids[np.flatnonzero(block[k])].tolist()
                     fj.write(("," if r else "") + f'"{r}":' + json.dumps(active))
             fj.write("}")
-    paths += [dataset, acts_json]
+    # int32: the reference's per-edge np.dot of two columns counts exactly (a uint8 dot wraps)
+    return np.concatenate(matrix_blocks)
 
-    attributes = out_dir / f"{prefix}_neuron_attributes.csv"
-    with atomic_path(attributes) as tmp, open(tmp, "w", newline="") as f:
+
+def write_attributes(path: Path, neurons) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["node_id", "layer", "dimension"])
-        w.writerows(zip(ids.tolist(), neurons["layer"].to_pylist(), neurons["neuron"].to_pylist()))
-    paths.append(attributes)
+        w.writerows(zip(neurons["neuron_id"].to_pylist(), neurons["layer"].to_pylist(),
+                        neurons["neuron"].to_pylist()))
+    return path
 
-    if edges:
-        paths.append(write_edge_list(out_dir / f"{prefix}_neuron_edges.el", neurons))
 
-    frequency = out_dir / f"{prefix}_neuron_frequency.csv"
-    with atomic_path(frequency) as tmp:
-        frequency_table.write_csv(tmp)
-    paths.append(frequency)
-
-    # samples x neurons that were ever active, as the reference builds it; int32 so that its
-    # per-edge np.dot of two columns counts exactly (a uint8 dot wraps at 256)
-    matrix_path = out_dir / f"{prefix}_activation_matrix.npz"
-    matrix = (np.concatenate(matrix_blocks) if matrix_blocks
-              else np.zeros((0, len(ever)), np.int32))
-    neuron_ids = ids[ever]
-    # the reference reads neuron_map with allow_pickle and .item(): a dict neuron id -> column
+def write_matrix(path: Path, matrix: np.ndarray, neuron_ids: np.ndarray) -> Path:
+    """samples x neurons that were ever active, as the reference builds it; the reference reads
+    neuron_map with allow_pickle and .item(): a dict neuron id -> column."""
     neuron_map = np.array({int(n): k for k, n in enumerate(neuron_ids.tolist())}, dtype=object)
-    with atomic_path(matrix_path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, matrix=matrix, neuron_ids=neuron_ids, neuron_map=neuron_map)
-    paths.append(matrix_path)
-    return paths
+    return path
 
 
-def _prompt_texts(manifest: dict, tokens: dict) -> dict[int, str]:
+def _prompt_texts(tokens: dict) -> dict[int, str]:
     """Input text per sample: the prompt for generated samples, the window text for a corpus."""
     texts: dict[int, list[str]] = {}
     for s, tok, generated in zip(tokens["sample"], tokens["token"], tokens["generated"]):
@@ -144,29 +189,12 @@ def write_edge_list(path: Path, neurons) -> Path:
     return path
 
 
-def register(sub) -> None:
-    from pipeline.cli import add_stage_parser
-
-    parser = add_stage_parser(
-        sub, "export", "Write a run as the reference scripts' files (CSV, JSON, .el, .npz).",
-        "  nwh export --run demo-prompts --out-dir exports --prefix gpt2\n"
-        "  nwh export --run demo-corpus --out-dir exports --no-edges\n")
-    parser.add_argument("--run", required=True, help="an extraction run")
-    parser.add_argument("--out-dir", required=True, help="folder for the files")
-    parser.add_argument("--prefix", help="file name prefix (default: the run's model name)")
-    parser.add_argument("--edges", action=argparse.BooleanOptionalAction,
-                        default=True, help="write the full edge list (large for big models)")
-    parser.set_defaults(handler=_cli)
+def show(result: ExportResult) -> str:
+    return "\n".join(str(p) for p in result.paths)
 
 
-def _cli(args) -> int:
-    from pipeline.cli import echo
-    from pipeline.core.storage import read_json
-
-    storage = Storage(args.storage)
-    if not storage.run_manifest(args.run).exists():
-        raise UserError(f"run {args.run!r} does not exist in {storage.root}: extract it first")
-    prefix = args.prefix or Path(read_json(storage.run_manifest(args.run))["model"]["name"]).name
-    for p in export_run(storage, args.run, Path(args.out_dir), prefix, edges=args.edges):
-        echo(p)
-    return 0
+STAGES = [Stage(
+    "export", "Write a run as the reference scripts' files (CSV, JSON, .el, .npz).",
+    "  nwh export --run demo-prompts --out-dir exports --prefix gpt2\n"
+    "  nwh export --run demo-corpus --out-dir exports --no-edges\n",
+    ExportConfig, run, show)]

@@ -2,22 +2,23 @@
 
     nwh extract --model zoo-s0 --corpus stdlib --num-samples 256
     nwh extract --model zoo-s0 --prompts prompts.csv --temperature 0.8 --top-k 50 --store-acts
+    nwh extract --model gpt2 --num-samples 4096 --store-acts --dry-run   # sizes, disk, resume point
 
 Per run it writes, in bounded memory:
     tables/tokens/run_id=<run>/part-<first row>.parquet   one row per token
     runs/<run>/arrays.zarr/active/L<l>                      bit-packed active masks (always)
     runs/<run>/arrays.zarr/acts/L<l>                        float16 activations (--store-acts)
     tables/neuron_stats, tables/neurons, tables/runs       at the end
+    runs/<run>/stages/extract.json                          completion marker, last
 Work is committed every few thousand tokens (run.json records the committed rows and the
 accumulator state), so a killed run resumes on the same command and ends with exactly the
-tables and arrays of an uninterrupted run.
+tables and arrays of an uninterrupted run. A resume must see the same resolved dtype, device
+type and input file; otherwise it is refused (--overwrite starts the run again).
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
+import dataclasses
 import logging
 import os
 import platform
@@ -25,7 +26,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -33,37 +34,44 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.core import arrays, tables
-from pipeline.kernels.accumulators import NeuronMoments, load_states, save_states
-from pipeline.core.config import add_arguments, from_args, opt, to_dict
+from pipeline.core.config import (
+    ModelOptions,
+    Progress,
+    Stage,
+    WindowOptions,
+    at_least,
+    config_hash,
+    opt,
+    to_dict,
+)
 from pipeline.core.errors import UserError
 from pipeline.core.layers import parse_layers
-from pipeline.core.storage import Storage, read_json, slug, validate_run_id, write_json
+from pipeline.core.storage import (
+    Storage,
+    finished_marker,
+    marker_path,
+    read_json,
+    slug,
+    validate_run_id,
+    write_json,
+    write_marker,
+)
+from pipeline.kernels.accumulators import NeuronMoments, load_states, save_states
 
 log = logging.getLogger(__name__)
 
-# fields that do not change what a run contains; a resume may change them
-_NOT_HASHED = ("device", "commit_seconds")  # settings that do not change the result
 COMMIT_BYTES = 256 << 20  # buffered masks + activations that force a commit
+TOKEN_ROW_BYTES = 40  # a tokens row before compression: 8 int/bool columns + a short token text
+RESOLVED = ("dtype", "device_type", "input_fingerprint")  # hashed beside the config fields
 
 
-@dataclass
-class ExtractConfig:
-    model: str = opt(help="zoo name (zoo-s0), local folder (./my-model) or hub id (gpt2, "
-                     "EleutherAI/pythia-70m-deduped)")
-    revision: str | None = opt(None, help="checkpoint: zoo subfolder (step256) or hub git "
-                               "revision (step1000); default the final one")
-    device: str = opt("auto", help="auto, cpu, cuda or cuda:N")
-    dtype: str = opt("auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16")
-    trust_remote_code: bool = opt(False, help="allow model code from the hub (off unless asked)")
+@dataclass(kw_only=True)
+class ExtractConfig(ModelOptions, WindowOptions, Progress):
     corpus: str | None = opt(None, help="stdlib, stdlib:heldout, a .txt/.jsonl/.parquet/.csv "
                              "file, or a datasets hub name (default stdlib unless --prompts)")
+    # hashed here: a resume counts its work in batches, and batch shapes change the float sums
+    batch_size: int = opt(8, help="sequences per forward pass (a resume needs the same)")
     prompts: str | None = opt(None, help="prompts CSV with header prompts,number_of_new_tokens,num_samples")
-    dataset_config: str | None = opt(None, help="config name of a hub dataset (wikitext-2-raw-v1)")
-    split: str = opt("train", help="split of a hub dataset")
-    text_column: str = opt("text", help="text column of a file or dataset")
-    num_samples: int = opt(64, help="corpus windows to extract")
-    max_length: int = opt(128, help="tokens per corpus window")
-    batch_size: int = opt(8, help="sequences per forward pass")
     seed: int = opt(42, help="sampling seed of generation")
     temperature: float = opt(0.8, help="sampling temperature of generation; 0 = greedy")
     top_k: int = opt(0, help="sample among the k most likely tokens; 0 = all")
@@ -74,17 +82,22 @@ class ExtractConfig:
                                   "(with --store-acts; default all recorded layers)")
     chunk_tokens: int = opt(2048, help="token rows per Zarr chunk (and the smallest commit)")
     commit_seconds: float = opt(1.0, help="commit a resumable checkpoint at most this often "
-                                "(also once 256 MiB are buffered); 0 = every --chunk-tokens rows")
-    run: str | None = opt(None, help="run name (default: a slug of model, revision and input)")
+                                "(also once 256 MiB are buffered); 0 = every --chunk-tokens rows",
+                                hash=False)
+    run: str | None = opt(None, help="run name (default: a slug of model, revision and input)",
+                          hash=False)
+    overwrite: bool = opt(False, help="replace a run of this name (finished, unfinished or of "
+                          "another configuration) instead of resuming or skipping it", hash=False)
+    dry_run: bool = opt(False, help="print the plan (sizes, disk needed, resume point) and exit "
+                        "without writing anything", hash=False)
 
     def __post_init__(self) -> None:
         if self.corpus and self.prompts:
             raise UserError("give either --corpus or --prompts, not both")
         if not self.corpus and not self.prompts:
             self.corpus = "stdlib"
-        for name in ("num_samples", "max_length", "batch_size", "chunk_tokens"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        self.check_windows()
+        at_least(self, 1, "chunk_tokens")
         if self.commit_seconds < 0:
             raise UserError("--commit-seconds must be >= 0 (0 = commit every --chunk-tokens rows)")
         if self.temperature < 0:
@@ -99,15 +112,17 @@ class ExtractConfig:
         return "prompts" if self.prompts else "corpus"
 
     @property
+    def input_file(self) -> str | None:
+        """The local file the input is read from (its content is part of the run), if any."""
+        path = self.prompts or self.corpus
+        return path if path and Path(path).is_file() else None
+
+    @property
     def run_id(self) -> str:
         if self.run:
             return self.run
         source = Path(self.prompts).stem if self.prompts else Path(self.corpus).name.split(":")[0]
         return slug(Path(self.model).name, self.revision or "", source)
-
-    def config_hash(self) -> str:
-        d = {k: v for k, v in to_dict(self).items() if k not in _NOT_HASHED}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def library_versions() -> dict[str, str]:
@@ -134,51 +149,261 @@ def remove_run(storage: Storage, run_id: str) -> None:
         tables.drop_partition(storage, table, run_id)
 
 
-def check_existing(storage: Storage, run_id: str, config_hash: str, overwrite: bool) -> dict | None:
-    """The existing manifest of a run with this configuration, if any; refuses a clash."""
-    path = storage.run_manifest(run_id)
-    if not path.exists():
-        return None
-    manifest = read_json(path)
-    if manifest.get("config_hash") == config_hash:
-        return manifest
-    if not overwrite:
-        raise UserError(
-            f"run {run_id!r} already exists with a different configuration: pass --overwrite "
-            "to replace it, or --run with a new name"
-        )
-    return None
-
-
-# -- work units: a batch of corpus windows, or all samples of one prompt
+# -- the plan: everything resolved and checked before anything is written
 
 
 @dataclass
 class Unit:
+    """A work unit: a batch of corpus windows, or all samples of one prompt."""
+
     index: int
     input_ids: Any  # torch.LongTensor [sequences, length] (prompts: filled by generation)
     prompt: int | None = None
     prompt_len: int = 0
 
 
+@dataclass
+class ExtractPlan:
+    """A resolved extraction: what it reads, what it writes, where it resumes."""
+
+    run_id: str
+    config_hash: str
+    resolved: dict[str, Any]       # dtype, device_type, input_fingerprint (hashed too)
+    device: str                    # resolved, e.g. cpu or cuda:0
+    status: str                    # new, resume, finished or overwrite
+    existing: dict | None          # manifest on disk (resume, finished, overwrite)
+    model: dict[str, Any]          # name, revision, source, family, n_layers, widths
+    layers: list[int]
+    dense_layers: list[int]
+    total_rows: int                # a corpus may end sooner: an upper bound
+    chunk_rows: int
+    committed_rows: int
+    input: str
+    loaded: Any = field(default=None, repr=False)      # LoadedModel (None when finished)
+    units: Iterator[Unit] | None = field(default=None, repr=False)
+    prompts: list | None = field(default=None, repr=False)
+    encoded: list[list[int]] | None = field(default=None, repr=False)
+
+    @property
+    def widths(self) -> dict[int, int]:
+        return {l: self.model["widths"][l] for l in self.layers}
+
+    @property
+    def mask_bytes_per_token(self) -> int:
+        return sum(arrays.packed_width(w) for w in self.widths.values())
+
+    @property
+    def dense_bytes_per_token(self) -> int:
+        return sum(2 * self.model["widths"][l] for l in self.dense_layers)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Masks + fp16 activations + a tokens row, before compression."""
+        return self.mask_bytes_per_token + self.dense_bytes_per_token + TOKEN_ROW_BYTES
+
+    @property
+    def disk_needed(self) -> int:
+        """Bytes still to write (uncompressed: masks compress ~1.5x, fp16 ~1.1x)."""
+        return max(0, self.total_rows - self.committed_rows) * self.bytes_per_token
+
+    def __str__(self) -> str:
+        m = self.model
+        neurons = sum(self.widths.values())
+        resume = {"new": "new run",
+                  "resume": f"resume after {self.committed_rows:,} committed rows",
+                  "finished": "finished with this configuration: nothing to do",
+                  "overwrite": "--overwrite: the existing run is deleted and started again",
+                  }[self.status]
+        return "\n".join([
+            f"extract plan for run {self.run_id} (config {self.config_hash})",
+            f"  model        {m['name']} ({m['source']}, {m['family']}), revision "
+            f"{m['revision'] or 'default'}",
+            f"  device       {self.device}, {self.resolved['dtype']}",
+            f"  input        {self.input}",
+            f"  rows         {self.total_rows:,} token rows (at most), chunks of {self.chunk_rows:,}",
+            f"  layers       {_spans(self.layers)} of {m['n_layers']} ({neurons:,} neurons); "
+            f"dense fp16: {_spans(self.dense_layers) or 'none'}",
+            f"  per token    {self.mask_bytes_per_token:,} B masks + {self.dense_bytes_per_token:,}"
+            f" B dense + ~{TOKEN_ROW_BYTES} B tokens row = {self.bytes_per_token:,} B",
+            f"  disk needed  {_size(self.disk_needed)} (uncompressed upper bound)",
+            f"  status       {resume}",
+        ])
+
+
+def _spans(layers: list[int]) -> str:
+    """'0-3,5' of [0, 1, 2, 3, 5]."""
+    out, start = [], None
+    for i, l in enumerate(layers):
+        start = l if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != l + 1:
+            out.append(str(l) if start == l else f"{start}-{l}")
+            start = None
+    return ",".join(out)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def resolve(config: ExtractConfig) -> tuple[str, dict[str, Any]]:
+    """(resolved device, values hashed beside the config): the dtype after 'auto', the device
+    type and the fingerprint of a local input file, so a resume sees them change."""
+    from pipeline.core.inputs import input_fingerprint
+    from pipeline.models.loading import resolve_device, resolve_dtype
+
+    device = resolve_device(config.device)
+    dtype = str(resolve_dtype(config.dtype, device)).removeprefix("torch.")
+    return str(device), {"dtype": dtype, "device_type": device.type,
+                         "input_fingerprint": input_fingerprint(config.input_file)}
+
+
+def existing_status(storage: Storage, config: ExtractConfig, key: str,
+                    resolved: dict[str, Any]) -> tuple[str, dict | None]:
+    """new, resume, finished or overwrite, with the manifest on disk; refuses a clash."""
+    path = storage.run_manifest(config.run_id)
+    if not path.exists():
+        return "new", None
+    manifest = read_json(path)
+    if config.overwrite:
+        return "overwrite", manifest
+    if manifest.get("config_hash") == key:
+        return ("finished" if manifest.get("status") == "finished" else "resume"), manifest
+    changed = _changes(manifest, config, resolved)
+    if manifest.get("status") != "finished" and changed and set(changed) <= set(RESOLVED):
+        raise UserError(_resume_refusal(config, manifest["resolved"], resolved, changed))
+    raise UserError(
+        f"run {config.run_id!r} already exists with a different configuration "
+        f"({_names(changed) or 'written by another version'}): pass --overwrite to replace it, "
+        "or --run with a new name")
+
+
+def _names(changed: list[str], most: int = 6) -> str:
+    return ", ".join(changed[:most]) + (", ..." if len(changed) > most else "")
+
+
+def _changes(manifest: dict, config: ExtractConfig, resolved: dict[str, Any]) -> list[str]:
+    """Names of the hashed fields and resolved values that differ from a manifest's."""
+    old, new = manifest.get("config", {}), to_dict(config)
+    names = [f.name for f in dataclasses.fields(config)
+             if f.metadata.get("hash", True) and old.get(f.name) != new[f.name]]
+    if "resolved" in manifest:
+        names += [k for k in RESOLVED if manifest["resolved"].get(k) != resolved[k]]
+    return names
+
+
+def _resume_refusal(config: ExtractConfig, old: dict, new: dict, changed: list[str]) -> str:
+    why = []
+    if "dtype" in changed:
+        why.append(f"it was started in {old['dtype']}, now {new['dtype']} (pass --dtype "
+                   f"{old['dtype']} to resume)")
+    if "device_type" in changed:
+        why.append(f"it was started on {old['device_type']}, now {new['device_type']} (pass "
+                   f"--device {old['device_type']} to resume)")
+    if "input_fingerprint" in changed:
+        why.append(f"{config.input_kind} file {config.input_file or config.prompts or config.corpus!r} "
+                   "changed since it started (restore it to resume)")
+    return (f"run {config.run_id!r} cannot resume: {'; '.join(why)}; or pass --overwrite to "
+            "start it again")
+
+
+def plan(config: ExtractConfig, storage: Storage) -> ExtractPlan:
+    """Resolve and check everything (model, layers, inputs, resume point) without writing."""
+    device, resolved = resolve(config)
+    key = config_hash(config, **resolved)
+    status, existing = existing_status(storage, config, key, resolved)
+    if status == "finished":  # nothing to load: the manifest says what the run holds
+        m = existing["model"]
+        return ExtractPlan(
+            run_id=config.run_id, config_hash=key, resolved=resolved, device=device,
+            status=status, existing=existing, model=m, layers=m["layers"],
+            dense_layers=m["dense_layers"], total_rows=existing["rows"],
+            chunk_rows=config.chunk_tokens, committed_rows=existing["rows"],
+            input=_describe_input(config))
+    return _plan_work(config, storage, device, resolved, key, status, existing)
+
+
+def _plan_work(config, storage, device, resolved, key, status, existing) -> ExtractPlan:
+    from pipeline.core.inputs import read_prompts
+    from pipeline.models.loading import load_model
+
+    prompts = read_prompts(config.prompts) if config.prompts else None  # checked before the model loads
+    loaded = load_model(config.model, config.revision, storage=storage,
+                        for_generation=prompts is not None, **config.model_kwargs())
+    layers = parse_layers(config.layers, loaded.n_layers)
+    dense_layers = parse_layers(config.acts_layers, loaded.n_layers) if config.store_acts else []
+    if set(dense_layers) - set(layers):
+        raise UserError(f"--acts-layers {config.acts_layers!r} names layers not in --layers "
+                        f"{config.layers!r}: store dense activations only of recorded layers")
+    if prompts is None:
+        units, encoded = _corpus_units(config, loaded.tokenizer), None
+        total = config.num_samples * config.max_length
+        rows_per_unit = config.batch_size * config.max_length
+        chunk_rows = rows_per_unit * max(1, round(config.chunk_tokens / rows_per_unit))
+    else:
+        encoded = _encode_prompts(config, loaded, prompts)
+        units = (Unit(i, None, prompt=i, prompt_len=len(ids)) for i, ids in enumerate(encoded))
+        total = sum(p.num_samples * (len(ids) + p.new_tokens) for p, ids in zip(prompts, encoded))
+        chunk_rows = config.chunk_tokens
+    model = {"name": config.model, "revision": loaded.revision, "source": loaded.source,
+             "path": str(loaded.path) if loaded.path else None, "family": loaded.adapter.family,
+             "n_layers": loaded.n_layers, "widths": loaded.widths, "layers": layers,
+             "dense_layers": dense_layers, "sites": [loaded.sites[l].name for l in layers]}
+    committed = existing["committed"]["rows"] if status == "resume" else 0
+    return ExtractPlan(
+        run_id=config.run_id, config_hash=key, resolved=resolved, device=device, status=status,
+        existing=existing, model=model, layers=layers, dense_layers=dense_layers,
+        total_rows=total, chunk_rows=chunk_rows, committed_rows=committed,
+        input=_describe_input(config), loaded=loaded, units=units, prompts=prompts,
+        encoded=encoded)
+
+
+def _describe_input(config: ExtractConfig) -> str:
+    if config.prompts:
+        return f"prompts {config.prompts} (seed {config.seed}, temperature {config.temperature})"
+    return (f"corpus {config.corpus}: {config.num_samples:,} windows x {config.max_length} tokens"
+            f", {config.batch_size} per forward")
+
+
 def _corpus_units(config: ExtractConfig, tokenizer) -> Iterator[Unit]:
+    """Batches of corpus windows; the first window is read at once (a bad corpus fails here)."""
+    from pipeline.core.inputs import corpus_windows
+
+    windows = corpus_windows(config, tokenizer)
+    return _batches(windows, config.batch_size)
+
+
+def _batches(windows: Iterator[list[int]], batch_size: int) -> Iterator[Unit]:
     import torch
 
-    from pipeline.core.inputs import iter_documents, iter_windows
-
-    docs = iter_documents(config.corpus, dataset_config=config.dataset_config,
-                          split=config.split, text_column=config.text_column)
-    windows = iter_windows(docs, tokenizer, max_length=config.max_length,
-                           num_samples=config.num_samples)
     batch: list[list[int]] = []
     index = 0
     for window in windows:
         batch.append(window)
-        if len(batch) == config.batch_size:
+        if len(batch) == batch_size:
             yield Unit(index, torch.tensor(batch, dtype=torch.long))
             batch, index = [], index + 1
     if batch:
         yield Unit(index, torch.tensor(batch, dtype=torch.long))
+
+
+def _encode_prompts(config: ExtractConfig, loaded, prompts) -> list[list[int]]:
+    if not loaded.is_causal:
+        raise UserError(f"model {config.model!r} is an encoder and cannot generate: use --corpus")
+    encoded = [loaded.tokenizer(p.text)["input_ids"] for p in prompts]
+    limit = getattr(loaded.model.config, "max_position_embeddings", None) or getattr(
+        loaded.model.config, "n_positions", None)
+    for i, (p, ids) in enumerate(zip(prompts, encoded)):
+        if limit and len(ids) + p.new_tokens > limit:
+            raise UserError(f"prompt {i} needs {len(ids) + p.new_tokens} positions but the "
+                            f"model has {limit}: lower number_of_new_tokens")
+    return encoded
+
+
+# -- writing: buffered commits in a background thread
 
 
 class _TokenText:
@@ -307,150 +532,114 @@ class _Writer:
             self._error = e
 
 
-def extract(config: ExtractConfig, storage: Storage, *, overwrite: bool = False,
-            progress: bool = True) -> dict:
-    """Run (or resume) an extraction; returns the finished run's manifest."""
+# -- the stage
+
+
+@dataclass
+class ExtractResult:
+    run_id: str
+    path: Path                       # the run's folder
+    manifest: dict | None            # run.json (None for a dry run of a new run)
+    skipped: bool = False            # already finished with this configuration
+    plan: ExtractPlan | None = None  # set by a dry run
+
+    @property
+    def dry_run(self) -> bool:
+        return self.plan is not None
+
+
+def run(config: ExtractConfig, storage: Storage) -> ExtractResult:
+    """Run (or resume) an extraction; a dry run only plans it."""
+    if config.dry_run:
+        p = plan(config, storage)
+        return ExtractResult(p.run_id, storage.run_dir(p.run_id), p.existing, plan=p)
+    storage.ensure_writable()
+    p = plan(config, storage)
+    marker = marker_path(storage, p.run_id, "extract")
+    if p.status == "finished":
+        log.info("run %s is already finished with this configuration: nothing to do", p.run_id)
+        if finished_marker(marker, p.config_hash) is None:  # finished before the marker was
+            write_marker(marker, to_dict(config), p.config_hash, rows=p.existing["rows"])
+        return ExtractResult(p.run_id, storage.run_dir(p.run_id), p.existing, skipped=True)
+    from pipeline.kernels.threads import thread_split
+
+    with thread_split(p.loaded.device.type) as threads:
+        manifest, moments = open_manifest(p, config, storage, threads)
+        rows, samples = extract_units(p, config, storage, manifest, moments)
+    finish(p, config, storage, manifest, moments, rows, samples)
+    write_marker(marker, to_dict(config), p.config_hash, rows=rows, samples=samples)
+    log.info("run %s: %d rows in %.1f s (%.0f tok/s)", p.run_id, rows,
+             manifest["timings"]["seconds"], manifest["timings"]["tokens_per_s"])
+    return ExtractResult(p.run_id, storage.run_dir(p.run_id), manifest)
+
+
+def open_manifest(p: ExtractPlan, config: ExtractConfig, storage: Storage,
+                  threads: dict) -> tuple[dict, dict[int, NeuronMoments]]:
+    """A new run's manifest and empty accumulators, or a resumed run's committed state (rows
+    written after the last commit are dropped)."""
+    if p.status != "resume":
+        remove_run(storage, p.run_id)  # --overwrite, or debris
+        manifest = {
+            "run_id": p.run_id, "status": "running", "config": to_dict(config),
+            "config_hash": p.config_hash, "resolved": p.resolved, "threads": threads,
+            "versions": library_versions(), "model": p.model,
+            "committed": {"rows": 0, "units": 0, "samples": 0, "state": None},
+            "timings": {"started": _now(), "seconds": 0.0},
+        }
+        write_json(storage.run_manifest(p.run_id), manifest)
+        moments = {l: NeuronMoments(w, config.active_threshold) for l, w in p.widths.items()}
+        log.info("run %s: extracting %s", p.run_id, p.input)
+    else:
+        manifest = p.existing
+        manifest["threads"] = threads
+        committed = manifest["committed"]
+        state = committed.get("state")
+        moments = (load_states(storage.run_dir(p.run_id) / "state" / state, p.layers) if state
+                   else {l: NeuronMoments(w, config.active_threshold) for l, w in p.widths.items()})
+        for part in storage.table_partition("tokens", p.run_id).glob("part-*.parquet"):
+            if int(part.stem.split("-")[1]) >= committed["rows"]:
+                part.unlink()  # written after the last commit
+        log.info("run %s: resuming after %d committed rows", p.run_id, committed["rows"])
+    arrays.truncate_rows(arrays.open_group(storage.arrays(p.run_id)), manifest["committed"]["rows"])
+    return manifest, moments
+
+
+def extract_units(p: ExtractPlan, config: ExtractConfig, storage: Storage, manifest: dict,
+                  moments: dict[int, NeuronMoments]) -> tuple[int, int]:
+    """The forward loop over the units not yet committed; returns (rows, samples) in the end."""
     import torch
     from tqdm.auto import tqdm
 
     from pipeline.models.hooks import capture_neurons
-    from pipeline.core.inputs import read_prompts
-    from pipeline.models.loading import load_model
 
-    run_id = config.run_id
-    storage.ensure_writable()
-    config_hash = config.config_hash()
-    existing = check_existing(storage, run_id, config_hash, overwrite)
-    if existing and existing.get("status") == "finished":
-        log.info("run %s is already finished with this configuration: nothing to do", run_id)
-        return existing
-
-    # validate every input before touching what is on disk
-    prompts = read_prompts(config.prompts) if config.prompts else None
-    loaded = load_model(config.model, config.revision, storage=storage, device=config.device,
-                        dtype=config.dtype, trust_remote_code=config.trust_remote_code,
-                        for_generation=prompts is not None)
-    layers = parse_layers(config.layers, loaded.n_layers)
-    dense_layers = parse_layers(config.acts_layers, loaded.n_layers) if config.store_acts else []
-    if set(dense_layers) - set(layers):
-        raise UserError(f"--acts-layers {config.acts_layers!r} names layers not in --layers "
-                        f"{config.layers!r}: store dense activations only of recorded layers")
-    if prompts is not None and not loaded.is_causal:
-        raise UserError(f"model {config.model!r} is an encoder and cannot generate: use --corpus")
-    widths = {l: loaded.widths[l] for l in layers}
-    offsets = loaded.layer_offsets
-    tokenizer, device = loaded.tokenizer, loaded.device
-
-    if prompts is None:
-        units = _corpus_units(config, tokenizer)
-        first = next(units, None)  # reads the corpus now, so a bad one fails before any write
-        if first is None:
-            raise UserError(f"corpus {config.corpus!r} gives no window of {config.max_length} "
-                            "tokens: lower --max-length or give more text")
-        units = itertools.chain([first], units)
-        total = config.num_samples * config.max_length
-    else:
-        encoded = [tokenizer(p.text)["input_ids"] for p in prompts]
-        limit = getattr(loaded.model.config, "max_position_embeddings", None) or getattr(
-            loaded.model.config, "n_positions", None)
-        for i, (p, ids) in enumerate(zip(prompts, encoded)):
-            if limit and len(ids) + p.new_tokens > limit:
-                raise UserError(f"prompt {i} needs {len(ids) + p.new_tokens} positions but the "
-                                f"model has {limit}: lower number_of_new_tokens")
-        units = (Unit(i, None, prompt=i, prompt_len=len(ids)) for i, ids in enumerate(encoded))
-        total = sum(p.num_samples * (len(ids) + p.new_tokens) for p, ids in zip(prompts, encoded))
-
-
-    if existing is None:
-        remove_run(storage, run_id)  # --overwrite of another configuration, or debris
-        manifest = {
-            "run_id": run_id, "status": "running", "config": to_dict(config),
-            "config_hash": config_hash, "versions": library_versions(),
-            "model": {"name": config.model, "revision": loaded.revision, "source": loaded.source,
-                      "path": str(loaded.path) if loaded.path else None,
-                      "family": loaded.adapter.family, "n_layers": loaded.n_layers,
-                      "widths": loaded.widths, "layers": layers, "dense_layers": dense_layers,
-                      "sites": [loaded.sites[l].name for l in layers]},
-            "committed": {"rows": 0, "units": 0, "samples": 0, "state": None},
-            "timings": {"started": _now(), "seconds": 0.0},
-        }
-        write_json(storage.run_manifest(run_id), manifest)
-        moments = {l: NeuronMoments(widths[l], config.active_threshold) for l in layers}
-        log.info("run %s: extracting %s", run_id, config.prompts or config.corpus)
-    else:
-        manifest = existing
-        committed = manifest["committed"]
-        state = committed.get("state")
-        state_path = storage.run_dir(run_id) / "state" / str(state)
-        moments = (load_states(state_path, layers) if state else
-                   {l: NeuronMoments(widths[l], config.active_threshold) for l in layers})
-        for part in storage.table_partition("tokens", run_id).glob("part-*.parquet"):
-            if int(part.stem.split("-")[1]) >= committed["rows"]:
-                part.unlink()  # written after the last commit
-        log.info("run %s: resuming after %d committed rows", run_id, committed["rows"])
-
-    group = arrays.open_group(storage.arrays(run_id))
-    arrays.truncate_rows(group, manifest["committed"]["rows"])
-    rows_per_unit = config.batch_size * config.max_length
-    chunk_rows = (rows_per_unit * max(1, round(config.chunk_tokens / rows_per_unit))
-                  if prompts is None else config.chunk_tokens)
-    # on the CPU the forward needs every core: one writer thread; on a GPU several
-    write_threads = 1 if device.type == "cpu" else min(8, os.cpu_count() or 1)
-    writer = _Writer(storage, run_id, manifest, group, layers, dense_layers, widths,
-                     chunk_rows, moments, write_threads)
-
-    token_text = _TokenText(tokenizer)
-    if device.type == "cpu":
+    loaded = p.loaded
+    writer = _open_writer(p, storage, manifest, moments)
+    if loaded.device.type == "cpu":
         import pipeline.kernels.bitkernels  # noqa: F401  (import numba, load the compiled kernels before the clock starts)
+    token_text = _TokenText(loaded.tokenizer)
     base = loaded.adapter.base_model(loaded.model)
-    done_units = manifest["committed"]["units"]
-    row = manifest["committed"]["rows"]
-    sample = manifest["committed"]["samples"]
+    committed = manifest["committed"]
+    done_units, row, sample = committed["units"], committed["rows"], committed["samples"]
     t0 = time.perf_counter()
-    bar = tqdm(total=total, initial=row, unit="tok", unit_scale=True, disable=not progress,
-               desc=f"extract {run_id}", smoothing=0.1)
+    bar = tqdm(total=p.total_rows, initial=row, unit="tok", unit_scale=True,
+               disable=not config.progress, desc=f"extract {p.run_id}", smoothing=0.1)
     captured: dict[int, Any] = {}
     try:
         with torch.inference_mode(), capture_neurons(
-            loaded.sites, layers, on_batch=lambda l, x: captured.__setitem__(l, x)
+            loaded.sites, p.layers, on_batch=lambda l, x: captured.__setitem__(l, x)
         ):
-            for unit in units:
+            for unit in p.units:
                 if unit.index < done_units:
                     continue  # committed before an interruption
-                if prompts is not None:
-                    unit.input_ids = _generate_unit(loaded, prompts[unit.index], encoded[unit.index],
-                                                    config, unit.index)
-                ids = unit.input_ids.to(device)
+                ids = _unit_ids(p, config, unit)
                 captured.clear()
-                base(input_ids=ids)
-                n_seq, length = ids.shape
-                n = n_seq * length
-                packed, dense = {}, {}
-                num_active = np.zeros(n, np.int32)
-                for l in layers:
-                    acts = captured[l].reshape(n, widths[l])
-                    packed[l], active_per_row = moments[l].update_and_pack(acts)
-                    num_active += active_per_row
-                    if l in dense_layers:
-                        dense[l] = acts.to(torch.float16).cpu().numpy()
-                ids_np = unit.input_ids.reshape(-1).numpy().astype(np.int32)
-                positions = np.tile(np.arange(length, dtype=np.int32), n_seq)
-                is_prompt = prompts is not None
-                writer.add(packed, dense, {
-                    "row": np.arange(row, row + n, dtype=np.int64),
-                    "sample": np.repeat(np.arange(sample, sample + n_seq, dtype=np.int32), length),
-                    "prompt": np.full(n, unit.prompt if is_prompt else -1, np.int32),
-                    "prompt_sample": np.repeat(np.arange(n_seq, dtype=np.int32), length)
-                    if is_prompt else np.full(n, -1, np.int32),
-                    "position": positions,
-                    "token_id": ids_np,
-                    "token": np.array(token_text(ids_np), dtype=object),
-                    "generated": positions >= unit.prompt_len if is_prompt else np.zeros(n, bool),
-                    "num_active": num_active,
-                })
-                row, sample = row + n, sample + n_seq
-                bar.update(n)
-                if writer.due(chunk_rows, config.commit_seconds):
+                base(input_ids=ids.to(loaded.device))
+                packed, dense, num_active = _reduce(p, captured, moments, ids.numel())
+                writer.add(packed, dense, token_columns(p, unit, ids, row, sample, num_active,
+                                                        token_text))
+                row, sample = row + ids.numel(), sample + ids.shape[0]
+                bar.update(ids.numel())
+                if writer.due(p.chunk_rows, config.commit_seconds):
                     writer.commit(unit.index + 1, sample)
                 done_units = unit.index + 1
         writer.commit(done_units, sample)
@@ -458,101 +647,131 @@ def extract(config: ExtractConfig, storage: Storage, *, overwrite: bool = False,
     finally:
         bar.close()
         writer.drain()  # an interrupted run still finishes the commit in flight
-    seconds = manifest["timings"]["seconds"] + time.perf_counter() - t0
-    manifest["timings"]["seconds"] = seconds
-    _finish(storage, run_id, manifest, config, loaded, layers, offsets, moments, row, sample)
-    log.info("run %s: %d rows in %.1f s (%.0f tok/s)", run_id, row, seconds,
-             row / max(seconds, 1e-9))
-    return manifest
+    manifest["timings"]["seconds"] += time.perf_counter() - t0
+    return row, sample
 
 
-def _generate_unit(loaded, prompt, prompt_ids, config: ExtractConfig, index: int):
+def _open_writer(p: ExtractPlan, storage: Storage, manifest: dict,
+                 moments: dict[int, NeuronMoments]) -> _Writer:
+    # on the CPU the forward needs every core: one writer thread; on a GPU several
+    write_threads = 1 if p.loaded.device.type == "cpu" else min(8, os.cpu_count() or 1)
+    return _Writer(storage, p.run_id, manifest, arrays.open_group(storage.arrays(p.run_id)),
+                   p.layers, p.dense_layers, p.widths, p.chunk_rows, moments, write_threads)
+
+
+def _unit_ids(p: ExtractPlan, config: ExtractConfig, unit: Unit):
+    """The token ids [sequences, length] of a unit (prompts: generated now, on the CPU)."""
+    if p.prompts is None:
+        return unit.input_ids
     from pipeline.models.generation import generate, prompt_generator
 
-    generator = prompt_generator(config.seed, index)
-    return generate(loaded.model, prompt_ids, new_tokens=prompt.new_tokens,
+    prompt = p.prompts[unit.index]
+    return generate(p.loaded.model, p.encoded[unit.index], new_tokens=prompt.new_tokens,
                     num_samples=prompt.num_samples, temperature=config.temperature,
-                    top_k=config.top_k, generator=generator, device=loaded.device).cpu()
+                    top_k=config.top_k, generator=prompt_generator(config.seed, unit.index),
+                    device=p.loaded.device).cpu()
 
 
-def _finish(storage, run_id, manifest, config, loaded, layers, offsets, moments, rows, samples):
-    stats_cols: dict[str, list[np.ndarray]] = {}
-    neuron_cols: dict[str, list] = {k: [] for k in
-                                    ("neuron_id", "layer", "neuron", "layer_offset",
-                                     "layer_width", "site")}
-    for l in layers:
-        width = moments[l].width
-        ids = offsets[l] + np.arange(width, dtype=np.int64)
-        cols = {"neuron_id": ids, "layer": np.full(width, l, np.int32),
-                "neuron": np.arange(width, dtype=np.int32), **moments[l].columns()}
-        for k, v in cols.items():
-            stats_cols.setdefault(k, []).append(v)
-        neuron_cols["neuron_id"].append(ids)
-        neuron_cols["layer"].append(np.full(width, l, np.int32))
-        neuron_cols["neuron"].append(np.arange(width, dtype=np.int32))
-        neuron_cols["layer_offset"].append(np.full(width, offsets[l], np.int64))
-        neuron_cols["layer_width"].append(np.full(width, width, np.int32))
-        neuron_cols["site"].append(np.full(width, loaded.sites[l].name, object))
-    tables.write_part(storage, "neuron_stats", run_id,
-                      {k: np.concatenate(v) for k, v in stats_cols.items()})
-    tables.write_part(storage, "neurons", run_id,
-                      {k: np.concatenate(v) for k, v in neuron_cols.items()})
-    finished = _now()
-    tables.write_part(storage, "runs", run_id, {
-        "model": [config.model], "revision": [loaded.revision], "source": [loaded.source],
+def _reduce(p: ExtractPlan, captured: dict, moments: dict[int, NeuronMoments], n: int):
+    """Accumulate one forward's activations; (packed masks, fp16 blocks, active count per row)."""
+    import torch
+
+    packed, dense = {}, {}
+    num_active = np.zeros(n, np.int32)
+    for l in p.layers:
+        acts = captured[l].reshape(n, p.model["widths"][l])
+        packed[l], active_per_row = moments[l].update_and_pack(acts)
+        num_active += active_per_row
+        if l in p.dense_layers:
+            dense[l] = acts.to(torch.float16).cpu().numpy()
+    return packed, dense, num_active
+
+
+def token_columns(p: ExtractPlan, unit: Unit, ids, row: int, sample: int,
+                  num_active: np.ndarray, token_text: _TokenText) -> dict[str, np.ndarray]:
+    """The tokens table rows of one unit (schemas/tokens.json)."""
+    n_seq, length = ids.shape
+    n = n_seq * length
+    ids_np = ids.reshape(-1).numpy().astype(np.int32)
+    positions = np.tile(np.arange(length, dtype=np.int32), n_seq)
+    is_prompt = p.prompts is not None
+    return {
+        "row": np.arange(row, row + n, dtype=np.int64),
+        "sample": np.repeat(np.arange(sample, sample + n_seq, dtype=np.int32), length),
+        "prompt": np.full(n, unit.prompt if is_prompt else -1, np.int32),
+        "prompt_sample": (np.repeat(np.arange(n_seq, dtype=np.int32), length) if is_prompt
+                          else np.full(n, -1, np.int32)),
+        "position": positions,
+        "token_id": ids_np,
+        "token": np.array(token_text(ids_np), dtype=object),
+        "generated": positions >= unit.prompt_len if is_prompt else np.zeros(n, bool),
+        "num_active": num_active,
+    }
+
+
+def finish(p: ExtractPlan, config: ExtractConfig, storage: Storage, manifest: dict,
+           moments: dict[int, NeuronMoments], rows: int, samples: int) -> None:
+    """neuron_stats, neurons and runs tables, then the manifest's finished status."""
+    stats, neurons = neuron_tables(p, moments)
+    tables.write_part(storage, "neuron_stats", p.run_id, stats)
+    tables.write_part(storage, "neurons", p.run_id, neurons)
+    timings = manifest["timings"]
+    timings.update(finished=_now(), tokens_per_s=rows / max(timings["seconds"], 1e-9))
+    tables.write_part(storage, "runs", p.run_id, {
+        "model": [config.model], "revision": [p.model["revision"]], "source": [p.model["source"]],
         "input_kind": [config.input_kind], "input": [config.prompts or config.corpus],
-        "num_rows": [rows], "num_samples": [samples], "num_layers": [len(layers)],
-        "num_neurons": [int(sum(moments[l].width for l in layers))],
-        "active_threshold": [config.active_threshold], "finished_at": [finished],
-        "seconds": [manifest["timings"]["seconds"]],
+        "num_rows": [rows], "num_samples": [samples], "num_layers": [len(p.layers)],
+        "num_neurons": [int(sum(p.widths.values()))],
+        "active_threshold": [config.active_threshold], "finished_at": [timings["finished"]],
+        "seconds": [timings["seconds"]],
     })
     state = manifest["committed"].get("state")
-    manifest.update(status="finished")
+    manifest.update(status="finished", rows=rows, samples=samples)
     manifest["committed"]["state"] = None
-    manifest["timings"]["finished"] = finished
-    manifest["timings"]["tokens_per_s"] = rows / max(manifest["timings"]["seconds"], 1e-9)
-    manifest["rows"], manifest["samples"] = rows, samples
-    write_json(storage.run_manifest(run_id), manifest)
+    write_json(storage.run_manifest(p.run_id), manifest)
     if state:
-        shutil.rmtree(storage.run_dir(run_id) / "state", ignore_errors=True)
+        shutil.rmtree(storage.run_dir(p.run_id) / "state", ignore_errors=True)
+
+
+def neuron_tables(p: ExtractPlan, moments: dict[int, NeuronMoments]) -> tuple[dict, dict]:
+    """Columns of neuron_stats (the accumulators) and neurons (ids, offsets, sites)."""
+    stats: dict[str, list[np.ndarray]] = {}
+    neurons: dict[str, list] = {}
+    offsets = p.loaded.layer_offsets
+    for l in p.layers:
+        width = moments[l].width
+        index = {"neuron_id": offsets[l] + np.arange(width, dtype=np.int64),
+                 "layer": np.full(width, l, np.int32), "neuron": np.arange(width, dtype=np.int32)}
+        for k, v in {**index, **moments[l].columns()}.items():
+            stats.setdefault(k, []).append(v)
+        for k, v in {**index, "layer_offset": np.full(width, offsets[l], np.int64),
+                     "layer_width": np.full(width, width, np.int32),
+                     "site": np.full(width, p.loaded.sites[l].name, object)}.items():
+            neurons.setdefault(k, []).append(v)
+    return ({k: np.concatenate(v) for k, v in stats.items()},
+            {k: np.concatenate(v) for k, v in neurons.items()})
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-# -- CLI
+def show(result: ExtractResult) -> str:
+    if result.dry_run:
+        return f"{result.plan}\ndry run: nothing written"
+    if result.skipped:
+        return (f"run {result.run_id} is already finished with this configuration: nothing to "
+                f"do ({result.path})")
+    m, t = result.manifest, result.manifest["timings"]
+    return (f"run {result.run_id}: {m['rows']} token rows, {m['samples']} sequences, "
+            f"{t['tokens_per_s']:.0f} tok/s -> {result.path}")
 
 
-def register(sub) -> None:
-    from pipeline.cli import add_stage_parser
-
-    parser = add_stage_parser(
-        sub, "extract", "Stream neuron activations of a model into the warehouse.",
-        "  nwh extract --model zoo-s0 --corpus stdlib --num-samples 256\n"
-        "  nwh extract --model zoo-s0 --revision step64 --layers 0-1 --store-acts\n"
-        "  nwh extract --model zoo-s1 --prompts prompts.csv --temperature 0.8 --top-k 50\n"
-        "  nwh extract --model gpt2 --corpus wikitext --dataset-config wikitext-2-raw-v1\n",
-        progress=True,
-    )
-    add_arguments(parser, ExtractConfig)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a run of the same name with a different configuration")
-    parser.set_defaults(handler=_cli)
-
-
-def _cli(args) -> int:
-    from pipeline.cli import echo
-
-    config = from_args(ExtractConfig, args)
-    storage = Storage(args.storage)
-    before = storage.run_manifest(config.run_id)
-    was_finished = before.exists() and read_json(before).get("status") == "finished"
-    manifest = extract(config, storage, overwrite=args.overwrite, progress=not args.quiet)
-    if was_finished and manifest.get("config_hash") == config.config_hash():
-        echo(f"run {config.run_id} is already finished with this configuration: nothing to do")
-    else:
-        t = manifest["timings"]
-        echo(f"run {config.run_id}: {manifest['rows']} token rows, {manifest['samples']} "
-              f"sequences, {t['tokens_per_s']:.0f} tok/s -> {storage.run_dir(config.run_id)}")
-    return 0
+STAGES = [Stage(
+    "extract", "Stream neuron activations of a model into the warehouse.",
+    "  nwh extract --model zoo-s0 --corpus stdlib --num-samples 256\n"
+    "  nwh extract --model zoo-s0 --revision step64 --layers 0-1 --store-acts\n"
+    "  nwh extract --model zoo-s1 --prompts prompts.csv --temperature 0.8 --top-k 50\n"
+    "  nwh extract --model gpt2 --corpus wikitext --dataset-config wikitext-2-raw-v1\n"
+    "  nwh extract --model gpt2 --num-samples 4096 --store-acts --dry-run\n",
+    ExtractConfig, run, show)]

@@ -1,26 +1,75 @@
-"""Per-neuron tables of a run: activation frequencies, moments, top tokens, histograms.
+"""Stages `frequencies`, `top-tokens`, `histogram`: per-neuron tables of a run, read-only.
 
     nwh frequencies --run demo-corpus --out neuron_frequency.csv
+    nwh frequencies --run demo-corpus --summary
     nwh top-tokens --run demo-corpus --layer 2 --neuron 3 --k 20 --context 8
     nwh histogram --run demo-corpus --layer 2 --bins 50
+
+The tables are queries over the warehouse (sql/neuron_frequency.sql, sql/neuron_summary.sql,
+sql/top_tokens.sql) or a streamed pass over a layer's dense activations (histogram). They write
+nothing into the warehouse; `--out` saves the table to a file.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import polars as pl
 
 from pipeline.core import arrays, tables
+from pipeline.core.config import Progress, Stage, at_least, opt
 from pipeline.core.errors import UserError
 from pipeline.core.storage import Storage
 
 log = logging.getLogger(__name__)
 
 
-def _query(storage: Storage, name: str, **params) -> pl.DataFrame:
+@dataclass(kw_only=True)
+class TableOptions:
+    run: str = opt(help="an extraction run")
+    out: str | None = opt(None, help="write the table to a .csv, .parquet, .json or .ndjson file",
+                          hash=False)
+
+
+@dataclass(kw_only=True)
+class FrequenciesConfig(TableOptions):
+    summary: bool = opt(False, help="mean, variance, skew, kurtosis and sparsity per neuron "
+                        "instead of activation counts")
+
+
+@dataclass(kw_only=True)
+class TopTokensConfig(TableOptions):
+    run: str = opt(help="an extraction run with dense activations (--store-acts)")
+    layer: int = opt(help="layer")
+    neuron: int = opt(help="neuron index within the layer")
+    k: int = opt(20, help="rows")
+    context: int = opt(8, help="tokens of left context")
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "k")
+        at_least(self, 0, "context")
+
+
+@dataclass(kw_only=True)
+class HistogramConfig(TableOptions, Progress):
+    run: str = opt(help="an extraction run with dense activations (--store-acts)")
+    layer: int = opt(help="layer")
+    bins: int = opt(50, help="equal bins over the layer's [min, max]")
+    block_rows: int = opt(8192, help="token rows read per block", cli=False, hash=False)
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "bins", "block_rows")
+
+
+@dataclass
+class TableResult:
+    frame: Any          # polars DataFrame
+    out: str | None     # the file it was written to
+
+
+def _query(storage: Storage, name: str, **params):
     import duckdb
 
     from pipeline.core.warehouse import connect, load_sql
@@ -37,20 +86,13 @@ def _query(storage: Storage, name: str, **params) -> pl.DataFrame:
         con.close()
 
 
-def neuron_frequency(storage: Storage, run: str) -> pl.DataFrame:
-    """Columns neuron_id, layer, dimension, activation_count, activation_frequency (the reference
-    neuron_frequency.csv)."""
-    storage.finished_run(run)
-    return _query(storage, "neuron_frequency", run_id=run)
+def _result(frame, out: str | None) -> TableResult:
+    if out:
+        tables.write_frame(frame, out)
+    return TableResult(frame, out)
 
 
-def neuron_summary(storage: Storage, run: str) -> pl.DataFrame:
-    """Mean, variance, skew, kurtosis (E[z^4]), sparsity per neuron from the moment sums."""
-    storage.finished_run(run)
-    return _query(storage, "neuron_summary", run_id=run)
-
-
-def _check_neuron(manifest: dict, run: str, layer: int, neuron: int | None) -> None:
+def _check_dense(manifest: dict, run: str, layer: int, neuron: int | None = None) -> None:
     model = manifest["model"]
     if layer not in model.get("dense_layers", []):
         raise UserError(f"run {run!r} has no dense activations of layer {layer} (stored: "
@@ -60,107 +102,65 @@ def _check_neuron(manifest: dict, run: str, layer: int, neuron: int | None) -> N
                         f"(0-{model['widths'][layer] - 1})")
 
 
-def top_tokens(storage: Storage, run: str, layer: int, neuron: int, *, k: int = 20,
-               context: int = 8) -> pl.DataFrame:
+def run_frequencies(config: FrequenciesConfig, storage: Storage) -> TableResult:
+    """Activation count and frequency per neuron (columns neuron_id, layer, dimension,
+    activation_count, activation_frequency, as the reference neuron_frequency.csv), or with
+    `summary` the moments and sparsity per neuron."""
+    storage.finished_run(config.run)
+    name = "neuron_summary" if config.summary else "neuron_frequency"
+    return _result(_query(storage, name, run_id=config.run), config.out)
+
+
+def run_top_tokens(config: TopTokensConfig, storage: Storage) -> TableResult:
     """The k rows where a neuron fires most, with their token and left context."""
-    _check_neuron(storage.finished_run(run), run, layer, neuron)
-    if k < 1 or context < 0:
-        raise UserError("--k must be at least 1 and --context at least 0")
-    return _query(storage, "top_tokens", run_id=run, layer=layer, neuron=neuron, k=k,
-                  context=context)
+    _check_dense(storage.finished_run(config.run), config.run, config.layer, config.neuron)
+    frame = _query(storage, "top_tokens", run_id=config.run, layer=config.layer,
+                   neuron=config.neuron, k=config.k, context=config.context)
+    return _result(frame, config.out)
 
 
-def layer_histogram(storage: Storage, run: str, layer: int, *, bins: int = 50,
-                    block_rows: int = 8192) -> pl.DataFrame:
+def run_histogram(config: HistogramConfig, storage: Storage) -> TableResult:
     """Counts of a layer's activations in equal bins over [min, max], streamed over row blocks."""
-    manifest = storage.finished_run(run)
-    _check_neuron(manifest, run, layer, None)
-    if bins < 1:
-        raise UserError("--bins must be at least 1")
-    stats = tables.read_partition(storage, "neuron_stats", run).to_pydict()
-    sel = [i for i, l in enumerate(stats["layer"]) if l == layer]
-    lo = min(stats["min"][i] for i in sel)
-    hi = max(stats["max"][i] for i in sel)
-    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
-    counts = np.zeros(bins, np.int64)
-    acts = arrays.layer_array(arrays.open_group(storage.arrays(run), mode="r"), "acts", layer)
-    for s in range(0, acts.shape[0], block_rows):
-        block = acts[s:s + block_rows].astype(np.float64).ravel()
+    import polars as pl
+    from tqdm import tqdm
+
+    _check_dense(storage.finished_run(config.run), config.run, config.layer)
+    stats = pl.from_arrow(tables.read_partition(storage, "neuron_stats", config.run)).filter(
+        pl.col("layer") == config.layer)
+    lo, hi = stats["min"].min(), stats["max"].max()
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, config.bins + 1)
+    counts = np.zeros(config.bins, np.int64)
+    acts = arrays.layer_array(arrays.open_group(storage.arrays(config.run), mode="r"), "acts",
+                              config.layer)
+    starts = range(0, acts.shape[0], config.block_rows)
+    for s in tqdm(starts, desc=f"histogram L{config.layer}", unit="block",
+                  disable=not config.progress):
+        block = np.asarray(acts[s:s + config.block_rows], dtype=np.float64).ravel()
+        # float16 storage may round a value just past the float32 min/max: it counts in an end bin
         counts += np.histogram(np.clip(block, edges[0], edges[-1]), bins=edges)[0]
-    return pl.DataFrame({"layer": [layer] * bins, "bin_start": edges[:-1], "bin_end": edges[1:],
-                         "count": counts})
+    frame = pl.DataFrame({"layer": [config.layer] * config.bins, "bin_start": edges[:-1],
+                          "bin_end": edges[1:], "count": counts})
+    return _result(frame, config.out)
 
 
-def write_frame(frame: pl.DataFrame, out: str) -> None:
-    suffix = Path(out).suffix.lower()
-    writers = {".csv": frame.write_csv, ".parquet": frame.write_parquet, ".json": frame.write_json}
-    if suffix not in writers:
-        raise UserError(f"--out {out!r}: use a .csv, .parquet or .json file name")
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    writers[suffix](out)
+def show(result: TableResult) -> str:
+    import polars as pl
+
+    if result.out:
+        return f"wrote {result.frame.height} rows to {result.out}"
+    with pl.Config(tbl_rows=40, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
+        return str(result.frame)
 
 
-# -- CLI
-
-
-def register(sub) -> None:
-    from pipeline.cli import add_stage_parser
-
-    parser = add_stage_parser(
-        sub, "frequencies", "Activation count and frequency per neuron (and moments with --summary).",
-        "  nwh frequencies --run demo-corpus --out demo_neuron_frequency.csv\n"
-        "  nwh frequencies --run demo-corpus --summary\n")
-    parser.add_argument("--run", required=True, help="an extraction run")
-    parser.add_argument("--summary", action="store_true",
-                        help="mean, variance, skew, kurtosis and sparsity instead")
-    parser.add_argument("--out", help="write the table to a .csv, .parquet or .json file")
-    parser.set_defaults(handler=_cli_frequencies)
-
-    parser = add_stage_parser(
-        sub, "top-tokens", "Tokens (with context) where a neuron fires most; needs --store-acts.",
-        "  nwh top-tokens --run demo-corpus --layer 2 --neuron 3 --k 20 --context 8\n")
-    parser.add_argument("--run", required=True, help="an extraction run with dense activations")
-    parser.add_argument("--layer", type=int, required=True, help="layer")
-    parser.add_argument("--neuron", type=int, required=True, help="neuron index within the layer")
-    parser.add_argument("--k", type=int, default=20, help="rows (default 20)")
-    parser.add_argument("--context", type=int, default=8, help="tokens of left context (default 8)")
-    parser.add_argument("--out", help="write the table to a .csv, .parquet or .json file")
-    parser.set_defaults(handler=_cli_top)
-
-    parser = add_stage_parser(
-        sub, "histogram", "Histogram of a layer's activations; needs --store-acts.",
-        "  nwh histogram --run demo-corpus --layer 2 --bins 50\n")
-    parser.add_argument("--run", required=True, help="an extraction run with dense activations")
-    parser.add_argument("--layer", type=int, required=True, help="layer")
-    parser.add_argument("--bins", type=int, default=50, help="bins (default 50)")
-    parser.add_argument("--out", help="write the table to a .csv, .parquet or .json file")
-    parser.set_defaults(handler=_cli_histogram)
-
-
-def _show(frame: pl.DataFrame, out: str | None) -> int:
-    from pipeline.cli import echo
-
-    if out:
-        write_frame(frame, out)
-        echo(f"wrote {frame.height} rows to {out}")
-    else:
-        with pl.Config(tbl_rows=40, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200):
-            echo(frame)
-    return 0
-
-
-def _cli_frequencies(args) -> int:
-    storage = Storage(args.storage)
-    fn = neuron_summary if args.summary else neuron_frequency
-    return _show(fn(storage, args.run), args.out)
-
-
-def _cli_top(args) -> int:
-    return _show(top_tokens(Storage(args.storage), args.run, args.layer, args.neuron, k=args.k,
-                            context=args.context), args.out)
-
-
-def _cli_histogram(args) -> int:
-    return _show(layer_histogram(Storage(args.storage), args.run, args.layer, bins=args.bins),
-                 args.out)
-
+STAGES = [
+    Stage("frequencies", "Activation count and frequency per neuron (moments with --summary).",
+          "  nwh frequencies --run demo-corpus --out demo_neuron_frequency.csv\n"
+          "  nwh frequencies --run demo-corpus --summary\n",
+          FrequenciesConfig, run_frequencies, show),
+    Stage("top-tokens", "Tokens (with context) where a neuron fires most; needs --store-acts.",
+          "  nwh top-tokens --run demo-corpus --layer 2 --neuron 3 --k 20 --context 8\n",
+          TopTokensConfig, run_top_tokens, show),
+    Stage("histogram", "Histogram of a layer's activations; needs --store-acts.",
+          "  nwh histogram --run demo-corpus --layer 2 --bins 50\n",
+          HistogramConfig, run_histogram, show),
+]

@@ -1,117 +1,108 @@
-"""Per-neuron properties: weight statistics, vocabulary composition, activation statistics.
+"""Stage `neuron-stats`: weight, vocabulary and activation properties of every neuron of a run.
 
     nwh neuron-stats --run demo-corpus              # the run's model, plus its activation moments
+    nwh sql "select layer, avg(vocab_kurt) from neuron_properties group by layer"
 
-For neuron n of a layer (W_in[:, n] its input weights, W_out[n] its output weights):
-    w_in_norm, w_out_norm, input_bias, in_out_sim = cos(W_in[:, n], W_out[n]),
-    l2_penalty = w_in_norm^2 + w_out_norm^2;
-    vocabulary composition: mean, variance, skew and kurtosis (E[z^4], 3 for a normal) over the
-    vocabulary of cos(W_out[n], W_U[:, v]) with W_U normalised per column, accumulated over
-    vocabulary blocks so gpt2-xl's 6,400 x 50,257 never sits in memory at once;
-    activation statistics of the run (sql/neuron_summary.sql): mean, variance, skew, kurtosis,
-    sparsity (share of activations above the run's threshold).
+Weight and vocabulary statistics come from the model's weights (pipeline.models.weights:
+norms, input bias, cos(W_in, W_out), moments over the vocabulary of cos(W_out[n], W_U[:, v]));
+activation statistics from the run's neuron_stats through sql/neuron_summary.sql (mean,
+variance, skew, kurtosis E[z^4], sparsity = share of rows above the run's threshold). One
+`neuron_properties` partition per run; runs/<run>/stages/neuron-stats.json marks it finished.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
-import numpy as np
 import polars as pl
 
-from pipeline.core import tables
+from pipeline.core import tables, warehouse
+from pipeline.core.config import ModelOptions, Progress, Stage, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
-from pipeline.core.storage import Storage
+from pipeline.core.storage import Storage, finished_marker, marker_path, write_marker
 
 log = logging.getLogger(__name__)
 
-VOCAB_BLOCK = 8192
+
+@dataclass(kw_only=True)
+class NeuronStatsConfig(ModelOptions, Progress):
+    run: str = opt(help="a finished extraction run (its model and activation moments)")
+    overwrite: bool = opt(False, help="recompute finished properties", hash=False)
+    # ModelOptions with the run's model as default; weight statistics are float64 either way
+    model: str | None = opt(None, help="model to load instead of the run's (same layer widths)")
+    revision: str | None = opt(None, help="revision of --model")
+    device: str = opt("cpu", help="cpu, cuda or cuda:N (where the float64 weight statistics "
+                      "are computed), or auto", hash=False)
+
+    def __post_init__(self) -> None:
+        if self.revision and not self.model:
+            raise UserError("--revision applies to --model: the run's own model is loaded at "
+                            "its revision; give --model too")
 
 
-def moments_over_columns(rows, block_cols, n_cols: int) -> dict[str, np.ndarray]:
-    """Mean, variance, skew and kurtosis (E[z^4]) of each row over all columns, blockwise.
-
-    `block_cols(start, stop)` returns the float64 block [rows, stop - start].
-    """
-    s = np.zeros((4, rows))
-    for start in range(0, n_cols, VOCAB_BLOCK):
-        x = block_cols(start, min(start + VOCAB_BLOCK, n_cols))
-        x2 = x * x
-        s += [x.sum(1), x2.sum(1), (x2 * x).sum(1), (x2 * x2).sum(1)]
-    m1, m2, m3, m4 = s / n_cols
-    var = np.maximum(m2 - m1 ** 2, 0)
-    c3 = m3 - 3 * m1 * m2 + 2 * m1 ** 3
-    c4 = m4 - 4 * m1 * m3 + 6 * m1 ** 2 * m2 - 3 * m1 ** 4
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return {"mean": m1, "var": var, "skew": np.where(var > 0, c3 / var ** 1.5, np.nan),
-                "kurt": np.where(var > 0, c4 / var ** 2, np.nan)}
+@dataclass
+class NeuronStatsResult:
+    run: str
+    frame: pl.DataFrame   # the neuron_properties rows of the run
+    reused: bool          # finished earlier with the same config
 
 
-def weight_properties(loaded) -> pl.DataFrame:
-    """Weight and vocabulary statistics of every neuron of a loaded model."""
-    adapter, model = loaded.adapter, loaded.model
-    unembed = adapter.unembed(model).double().cpu()              # [d_model, vocab]
-    unembed = unembed / unembed.norm(dim=0, keepdim=True).clamp_min(1e-12)
-    frames = []
-    for layer in range(loaded.n_layers):
-        w_in = adapter.w_in(model, layer).double().cpu()          # [d_model, d_mlp]
-        w_out = adapter.w_out(model, layer).double().cpu()        # [d_mlp, d_model]
-        b_in = adapter.b_in(model, layer)
-        in_norm, out_norm = w_in.norm(dim=0), w_out.norm(dim=1)
-        sim = (w_in.T * w_out).sum(1) / (in_norm * out_norm).clamp_min(1e-12)
-        direction = w_out / out_norm[:, None].clamp_min(1e-12)
-        vocab = moments_over_columns(
-            w_out.shape[0], lambda a, b, d=direction: (d @ unembed[:, a:b]).numpy(), unembed.shape[1])
-        width = w_out.shape[0]
-        frames.append(pl.DataFrame({
-            "neuron_id": loaded.layer_offsets[layer] + np.arange(width, dtype=np.int64),
-            "layer": np.full(width, layer, np.int32), "neuron": np.arange(width, dtype=np.int32),
-            "w_in_norm": in_norm.numpy(), "w_out_norm": out_norm.numpy(),
-            "input_bias": (b_in.double().cpu().numpy() if b_in is not None
-                           else np.zeros(width)),
-            "in_out_sim": sim.numpy(), "l2_penalty": (in_norm ** 2 + out_norm ** 2).numpy(),
-            "vocab_mean": vocab["mean"], "vocab_var": vocab["var"],
-            "vocab_skew": vocab["skew"], "vocab_kurt": vocab["kurt"]}))
-    return pl.concat(frames)
-
-
-def neuron_properties(storage: Storage, run: str) -> pl.DataFrame:
-    """Weight, vocabulary and activation properties of the neurons of a run's model."""
-    from pipeline.stages.frequencies import neuron_summary
-    from pipeline.models.loading import load_model
-
-    manifest = storage.finished_run(run)
-    loaded = load_model(manifest["model"]["name"], manifest["model"].get("revision"),
-                        storage=storage, device="cpu", for_generation=False)
-    if loaded.widths != manifest["model"]["widths"]:
-        raise UserError(f"the model of run {run!r} changed since extraction: re-extract it")
-    weights = weight_properties(loaded)
-    acts = neuron_summary(storage, run).select(
+def activation_summary(storage: Storage, run_id: str) -> pl.DataFrame:
+    """act_mean, act_var, act_skew, act_kurt and sparsity per neuron_id, from neuron_stats."""
+    con = warehouse.connect(storage)
+    try:
+        summary = warehouse.query(con, "neuron_summary", run_id=run_id)
+    finally:
+        con.close()
+    return summary.select(
         "neuron_id", pl.col("mean").alias("act_mean"), pl.col("variance").alias("act_var"),
         pl.col("skew").alias("act_skew"), pl.col("kurtosis").alias("act_kurt"), "sparsity")
-    out = weights.join(acts, on="neuron_id", how="inner").sort("neuron_id")
-    tables.write_part(storage, "neuron_properties", run,
+
+
+def run(config: NeuronStatsConfig, storage: Storage) -> NeuronStatsResult:
+    from tqdm.auto import tqdm
+
+    from pipeline.models.loading import load_model, resolve_device, resolve_dtype
+    from pipeline.models.weights import weight_properties
+
+    manifest = storage.finished_run(config.run)
+    key = config_hash(config, dtype=str(resolve_dtype(config.dtype, resolve_device(config.device))),
+                      run_finished=manifest.get("timings", {}).get("finished"))
+    marker = marker_path(storage, config.run, "neuron-stats")
+    if not config.overwrite and finished_marker(marker, key):
+        frame = pl.from_arrow(tables.read_partition(storage, "neuron_properties", config.run))
+        return NeuronStatsResult(config.run, frame, reused=True)
+    name = config.model or manifest["model"]["name"]
+    revision = config.revision if config.model else manifest["model"].get("revision")
+    loaded = load_model(name, revision, storage=storage, for_generation=False,
+                        **config.model_kwargs())
+    if loaded.widths != manifest["model"]["widths"]:
+        raise UserError(f"model {name!r} has layer widths {loaded.widths}, not those of run "
+                        f"{config.run!r} (changed since extraction?): pass the run's model or "
+                        "re-extract")
+    layers = tqdm(range(loaded.n_layers), disable=config.quiet, desc="weight statistics")
+    weights = weight_properties(loaded, layers)
+    out = weights.join(activation_summary(storage, config.run), on="neuron_id",
+                       how="inner").sort("neuron_id")
+    tables.write_part(storage, "neuron_properties", config.run,
                       out.select(tables.schema("neuron_properties").names).to_arrow())
-    return out
+    write_marker(marker, to_dict(config), key, neurons=out.height)
+    return NeuronStatsResult(config.run, out, reused=False)
 
 
-def register(sub) -> None:
-    from pipeline.cli import add_stage_parser
-
-    parser = add_stage_parser(
-        sub, "neuron-stats", "Weight, vocabulary and activation properties of every neuron.",
-        "  nwh neuron-stats --run demo-corpus\n"
-        "  nwh sql \"select layer, avg(vocab_kurt) from neuron_properties group by layer\"\n")
-    parser.add_argument("--run", required=True, help="an extraction run (its model and moments)")
-    parser.set_defaults(handler=_cli)
-
-
-def _cli(args) -> int:
-    from pipeline.cli import echo
-
-    out = neuron_properties(Storage(args.storage), args.run)
-    summary = out.group_by("layer").agg(pl.len().alias("neurons"),
-                                        pl.exclude("neuron_id", "neuron", "layer").mean()).sort("layer")
+def show(result: NeuronStatsResult) -> str:
+    summary = result.frame.group_by("layer").agg(
+        pl.len().alias("neurons"), pl.exclude("neuron_id", "neuron", "layer").mean()).sort("layer")
+    head = f"neuron properties of run {result.run}"
+    if result.reused:
+        head += ": finished earlier with this config (--overwrite recomputes them)"
     with pl.Config(tbl_rows=50, tbl_cols=-1, tbl_width_chars=220):
-        echo(summary)
-    return 0
+        return f"{head}\n{summary}"
+
+
+STAGES = [Stage(
+    "neuron-stats", "Weight, vocabulary and activation properties of every neuron.",
+    "  nwh neuron-stats --run demo-corpus\n"
+    "  nwh sql \"select layer, avg(vocab_kurt) from neuron_properties group by layer\"\n",
+    NeuronStatsConfig, run, show)]

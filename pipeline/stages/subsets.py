@@ -3,38 +3,37 @@
     nwh subset --run demo-corpus --threshold 0.5 --ratio 0.01 --method degree
     nwh subset-grid --run demo-corpus --thresholds 0.3 0.5 --ratios 0.005 0.01 --methods degree pagerank
 
-Keep the edges with weight > threshold, rank every node of the base graph by a centrality
-(ties: lower neuron_id first), take k = int(n * ratio) nodes (at least 1, at most n), n being
-the number of nodes of the base graph, as in the reference. Degree and strength come straight
-from the thresholded edges (np.bincount); the others from igraph.
-Outputs: the `subsets` table and the reference .npy of neuron ids under runs/<run>/subsets/.
+Keep the edges with weight > threshold (weights by sql/edge_weights.sql, pipeline/core/coact.py),
+rank every node of the base graph by a centrality (pipeline/kernels/graphs.py; ties: lower
+neuron_id first), take k = int(n * ratio) nodes (at least 1, at most n), n being the number of
+nodes of the base graph, as in the reference. The grid builds each threshold's graph once.
+Outputs per subset: the `subsets` table part <name>, the reference's .npy of neuron ids under
+runs/<run>/subsets/ (read back by `pipeline.core.coact.read_subset`), then the completion marker
+runs/<run>/stages/subset-<name>.json: a rerun skips subsets already selected from the same counts.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
 
-from pipeline.core import tables
-from pipeline.core.config import add_arguments, from_args, opt
+from pipeline.core import coact, tables
+from pipeline.core.coact import WEIGHTS, check_threshold
+from pipeline.core.config import Progress, Stage, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
-from pipeline.stages.graph import (
-    WEIGHTS,
-    build_graph,
-    check_threshold,
-    load_run_graph,
-    no_edges_error,
-    thresholded_edges,
+from pipeline.core.storage import (
+    Storage,
+    atomic_path,
+    finished_marker,
+    marker_path,
+    write_marker,
 )
-from pipeline.core.storage import Storage, atomic_path
+from pipeline.kernels.graphs import METHODS, build_graph, centrality, top_k
 
 log = logging.getLogger(__name__)
-
-METHODS = ("degree", "strength", "pagerank", "eigenvector", "betweenness", "harmonic", "coreness")
-
 
 def check_ratio(ratio: float) -> None:
     if not 0 < ratio <= 1:
@@ -50,37 +49,13 @@ def subset_size(n: int, ratio: float) -> int:
     return max(1, min(n, int(n * ratio)))
 
 
-def centrality(method: str, n_nodes: int, edges: np.ndarray, weights: np.ndarray, *,
-               betweenness_cutoff: int | None = 4, graph=None) -> np.ndarray:
-    """Score of every node 0..n-1 under a centrality of the thresholded graph."""
-    if method == "degree":
-        return np.bincount(edges.ravel(), minlength=n_nodes).astype(np.float64)
-    if method == "strength":
-        return (np.bincount(edges[:, 0], weights, minlength=n_nodes)
-                + np.bincount(edges[:, 1], weights, minlength=n_nodes))
-    graph = graph if graph is not None else build_graph(n_nodes, edges)
-    if method == "pagerank":
-        return np.asarray(graph.pagerank(directed=False))
-    if method == "eigenvector":
-        return np.asarray(graph.eigenvector_centrality())
-    if method == "betweenness":
-        return np.asarray(graph.betweenness(directed=False, cutoff=betweenness_cutoff))
-    if method == "harmonic":
-        return np.asarray(graph.harmonic_centrality(mode="all"))
-    if method == "coreness":
-        return np.asarray(graph.coreness(), dtype=np.float64)
-    check_method(method)
-    raise AssertionError
+def subset_name(method: str, threshold: float, ratio: float, weight: str = "normalized") -> str:
+    w = "" if weight == "normalized" else f"{weight}_"
+    return f"{w}{method}_t{threshold!r}_r{ratio!r}"  # exact, as the graph parts are
 
 
-def top_k(scores: np.ndarray, node_ids: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k best nodes: score descending, then neuron_id ascending."""
-    order = np.lexsort((node_ids, -scores))
-    return order[:k]
-
-
-@dataclass
-class SubsetConfig:
+@dataclass(kw_only=True)
+class SubsetConfig(Progress):
     run: str = opt(help="a run with co-activation counts")
     threshold: float = opt(0.5, help="keep edges with weight > threshold")
     ratio: float = opt(0.01, help="share of the base graph's nodes to select, in (0, 1]")
@@ -89,114 +64,155 @@ class SubsetConfig:
     weight: str = opt("normalized", help="edge weight: normalized, jaccard or npmi", choices=WEIGHTS)
     betweenness_cutoff: int = opt(4, help="path length cutoff of betweenness (0 = exact)")
     name: str | None = opt(None, help="subset name (default: method_t<threshold>_r<ratio>)")
+    overwrite: bool = opt(False, help="select a subset already selected again", hash=False)
 
     def __post_init__(self) -> None:
         check_threshold(self.weight, self.threshold)
         check_ratio(self.ratio)
         check_method(self.method)
+        if self.betweenness_cutoff < 0:
+            raise UserError("--betweenness-cutoff must be >= 0 (0 = exact)")
+        if self.name is not None:
+            coact.check_subset_name(self.name)
+
+    @property
+    def subset(self) -> str:
+        return self.name or subset_name(self.method, self.threshold, self.ratio, self.weight)
 
 
-def subset_name(method: str, threshold: float, ratio: float, weight: str = "normalized") -> str:
-    w = "" if weight == "normalized" else f"{weight}_"
-    return f"{w}{method}_t{threshold:g}_r{ratio:g}"
+@dataclass(kw_only=True)
+class SubsetGridConfig(Progress):
+    run: str = opt(help="a run with co-activation counts")
+    thresholds: list[float] = opt([0.5], help="keep edges with weight > each threshold")
+    ratios: list[float] = opt([0.01], help="shares of the base graph's nodes, in (0, 1]")
+    methods: list[str] = opt(["degree"], help="centralities", choices=METHODS)
+    weight: str = opt("normalized", help="edge weight: normalized, jaccard or npmi", choices=WEIGHTS)
+    betweenness_cutoff: int = opt(4, help="path length cutoff of betweenness (0 = exact)")
+    overwrite: bool = opt(False, help="select subsets already selected again", hash=False)
+
+    def __post_init__(self) -> None:
+        # every cell is a SubsetConfig: building them validates the grid
+        self.cells()
+
+    def cells(self) -> list[SubsetConfig]:
+        return [SubsetConfig(run=self.run, threshold=t, ratio=r, method=m, weight=self.weight,
+                             betweenness_cutoff=self.betweenness_cutoff, overwrite=self.overwrite,
+                             quiet=self.quiet)
+                for t in dict.fromkeys(self.thresholds) for m in dict.fromkeys(self.methods)
+                for r in dict.fromkeys(self.ratios)]
 
 
-def select_subsets(storage: Storage, run: str, *, thresholds: list[float], ratios: list[float],
-                   methods: list[str], weight: str = "normalized", betweenness_cutoff: int = 4,
-                   name: str | None = None) -> pl.DataFrame:
-    """Every (threshold, ratio, method) subset; each thresholded graph is built once."""
-    for t in thresholds:
-        check_threshold(weight, t)
-    for r in ratios:
-        check_ratio(r)
-    for m in methods:
-        check_method(m)
-    g = load_run_graph(storage, run)
-    node_ids, node_layers = g.node_ids, g.node_layers
-    frames = []
-    for t in thresholds:
-        edges, _, weights = thresholded_edges(g, storage, weight, t)
-        if not len(edges):
-            raise no_edges_error(g, storage, weight, t)
-        graph = build_graph(g.n_nodes, edges) if set(methods) - {"degree", "strength"} else None
-        for m in methods:
-            scores = centrality(m, g.n_nodes, edges, weights, graph=graph,
-                                betweenness_cutoff=betweenness_cutoff or None)
-            for r in ratios:
-                k = subset_size(g.n_nodes, r)
-                chosen = top_k(scores, node_ids, k)
-                label = name if name and len(thresholds) * len(ratios) * len(methods) == 1 \
-                    else subset_name(m, t, r, weight)
-                frame = pl.DataFrame({
-                    "subset": [label] * k, "method": [m] * k, "weight": [weight] * k,
-                    "threshold": [t] * k, "ratio": [r] * k,
-                    "neuron_id": node_ids[chosen].astype(np.int64),
-                    "layer": node_layers[chosen].astype(np.int32),
-                    "neuron": (node_ids[chosen] - np.array([g.neuron_ids[l][0] for l in
-                                                            node_layers[chosen]])).astype(np.int32)
-                    if k else np.zeros(0, np.int32),
-                    "score": scores[chosen].astype(np.float64),
-                    "rank": np.arange(1, k + 1, dtype=np.int64)})
-                frames.append(frame)
-                path = storage.run_dir(run) / "subsets" / f"{label}.npy"
-                with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                    np.save(f, node_ids[chosen].astype(np.int64))
-    out = pl.concat(frames)
-    for label, part in out.group_by("subset", maintain_order=True):
-        tables.write_part(storage, "subsets", run,
-                          part.select(tables.schema("subsets").names).to_arrow(),
-                          part=str(label[0]))
+@dataclass
+class SubsetResult:
+    run: str
+    subsets: pl.DataFrame                           # one row per chosen neuron (the table's rows)
+    skipped: list[str] = field(default_factory=list)  # subsets already selected
+
+
+def run(config: SubsetConfig, storage: Storage) -> SubsetResult:
+    """One subset: the top k nodes of a centrality of the thresholded graph."""
+    return _select(storage, config.run, [config])
+
+
+def run_grid(config: SubsetGridConfig, storage: Storage) -> SubsetResult:
+    """Every threshold x ratio x method subset; each threshold's graph is built once."""
+    g = coact.load_run_graph(storage, config.run)
+    digest = config_hash(config, counts=g.fingerprint)
+    marker = marker_path(storage, config.run, "subset-grid")  # the cells have their own markers
+    result = _select(storage, config.run, config.cells(), g)
+    write_marker(marker, to_dict(config), digest, subsets=result.subsets["subset"].unique(
+        maintain_order=True).to_list())
+    return result
+
+
+def _select(storage: Storage, run: str, cells: list[SubsetConfig],
+            g: coact.RunGraph | None = None) -> SubsetResult:
+    """The subsets of `cells` (one run, one weight): stored ones read back, the others selected."""
+    g = g or coact.load_run_graph(storage, run)
+    frames: dict[str, pl.DataFrame] = {}
+    skipped = []
+    todo: dict[float, list[tuple[SubsetConfig, str]]] = {}
+    for cell in cells:
+        digest = config_hash(cell, counts=g.fingerprint)
+        stored = None if cell.overwrite else _stored(storage, cell, digest)
+        if stored is not None:
+            frames[cell.subset] = stored
+            skipped.append(cell.subset)
+            log.info("subset %s of run %s is already selected: skipped (--overwrite selects it "
+                     "again)", cell.subset, run)
+        else:
+            todo.setdefault(cell.threshold, []).append((cell, digest))
+    for threshold, group in todo.items():
+        frames.update(_select_threshold(storage, g, threshold, group))
+    return SubsetResult(run, pl.concat([frames[c.subset] for c in cells]), skipped)
+
+
+def _select_threshold(storage: Storage, g: coact.RunGraph, threshold: float,
+                      cells: list[tuple[SubsetConfig, str]]) -> dict[str, pl.DataFrame]:
+    """Subsets of one threshold's graph: edges and igraph built once, each centrality once."""
+    weight = cells[0][0].weight
+    edges, _, weights = coact.thresholded_edges(storage, g, weight, threshold)
+    if not len(edges):
+        raise coact.no_edges_error(storage, g, weight, threshold)
+    methods = {c.method for c, _ in cells}
+    graph = build_graph(g.n_nodes, edges) if methods - {"degree", "strength"} else None
+    scores: dict[str, np.ndarray] = {}
+    out = {}
+    for cell, digest in cells:
+        if cell.method not in scores:
+            scores[cell.method] = centrality(cell.method, g.n_nodes, edges, weights, graph=graph,
+                                             betweenness_cutoff=cell.betweenness_cutoff or None)
+        chosen = top_k(scores[cell.method], g.node_ids, subset_size(g.n_nodes, cell.ratio))
+        out[cell.subset] = _write_subset(storage, g, cell, digest, chosen, scores[cell.method])
     return out
 
 
-def read_subset(storage: Storage, run: str, name: str) -> np.ndarray:
-    """Global neuron ids of a stored subset (table first, then the .npy)."""
-    path = storage.run_dir(run) / "subsets" / f"{name}.npy"
-    if path.exists():
-        return np.load(path, allow_pickle=False)
-    raise UserError(f"run {run!r} has no subset {name!r}: create it with `nwh subset --run {run}`")
+def _write_subset(storage: Storage, g: coact.RunGraph, cell: SubsetConfig, digest: str,
+                  chosen: np.ndarray, scores: np.ndarray) -> pl.DataFrame:
+    """The table part, the .npy, then the marker, of one subset."""
+    k = len(chosen)
+    table = tables.to_arrow("subsets", {
+        "subset": [cell.subset] * k, "method": [cell.method] * k, "weight": [cell.weight] * k,
+        "threshold": [cell.threshold] * k, "ratio": [cell.ratio] * k,
+        "neuron_id": g.node_ids[chosen], "layer": g.node_layers[chosen],
+        "neuron": g.node_neurons[chosen], "score": scores[chosen],
+        "rank": np.arange(1, k + 1, dtype=np.int64)})
+    tables.write_part(storage, "subsets", cell.run, table, part=cell.subset)
+    with atomic_path(coact.subset_path(storage, cell.run, cell.subset)) as tmp, open(tmp, "wb") as f:
+        np.save(f, g.node_ids[chosen].astype(np.int64))
+    write_marker(marker_path(storage, cell.run, "subset", cell.subset), to_dict(cell), digest,
+                 neurons=k, top_score=float(scores[chosen].max()))
+    return pl.from_arrow(table)
 
 
-def register(sub) -> None:
-    from pipeline.cli import add_stage_parser
-
-    parser = add_stage_parser(
-        sub, "subset", "Select influential neurons by centrality on the thresholded graph.",
-        "  nwh subset --run demo-corpus --threshold 0.5 --ratio 0.01 --method degree\n"
-        "  nwh subset --run demo-corpus --method pagerank --weight jaccard --threshold 0.2\n")
-    add_arguments(parser, SubsetConfig)
-    parser.set_defaults(handler=_cli)
-
-    parser = add_stage_parser(
-        sub, "subset-grid", "Subsets for every threshold x ratio x method (the reference batch).",
-        "  nwh subset-grid --run demo-corpus --thresholds 0.3 0.5 --ratios 0.005 0.01 \\\n"
-        "      --methods degree pagerank coreness\n")
-    parser.add_argument("--run", required=True, help="a run with co-activation counts")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5], help="thresholds")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.01], help="ratios")
-    parser.add_argument("--methods", nargs="+", default=["degree"], help=f"of {', '.join(METHODS)}")
-    parser.add_argument("--weight", default="normalized", choices=WEIGHTS, help="edge weight")
-    parser.set_defaults(handler=_cli_grid)
+def _stored(storage: Storage, cell: SubsetConfig, digest: str) -> pl.DataFrame | None:
+    if finished_marker(marker_path(storage, cell.run, "subset", cell.subset), digest) is None:
+        return None
+    stored = coact.read_part(storage, "subsets", cell.run, cell.subset)
+    if stored is None or not coact.subset_path(storage, cell.run, cell.subset).exists():
+        return None
+    return pl.from_arrow(stored)
 
 
-def _report(out: pl.DataFrame) -> int:
-    from pipeline.cli import echo
-
-    summary = out.group_by("subset", maintain_order=True).agg(
+def show(result: SubsetResult) -> str:
+    summary = result.subsets.group_by("subset", maintain_order=True).agg(
         pl.len().alias("neurons"), pl.col("layer").unique().sort().alias("layers"),
         pl.col("score").max().alias("top_score"))
     with pl.Config(tbl_rows=100, tbl_cols=-1, tbl_width_chars=160, fmt_str_lengths=40):
-        echo(summary)
-    return 0
+        text = str(summary)
+    if result.skipped:
+        text += (f"\nalready selected from the same counts, skipped (--overwrite selects again): "
+                 f"{', '.join(result.skipped)}")
+    return text
 
 
-def _cli(args) -> int:
-    c = from_args(SubsetConfig, args)
-    return _report(select_subsets(Storage(args.storage), c.run, thresholds=[c.threshold],
-                                  ratios=[c.ratio], methods=[c.method], weight=c.weight,
-                                  betweenness_cutoff=c.betweenness_cutoff, name=c.name))
-
-
-def _cli_grid(args) -> int:
-    return _report(select_subsets(Storage(args.storage), args.run, thresholds=args.thresholds,
-                                  ratios=args.ratios, methods=args.methods, weight=args.weight))
+STAGES = [
+    Stage("subset", "Select influential neurons by centrality on the thresholded graph.",
+          "  nwh subset --run demo-corpus --threshold 0.5 --ratio 0.01 --method degree\n"
+          "  nwh subset --run demo-corpus --method pagerank --weight jaccard --threshold 0.2\n",
+          SubsetConfig, run, show),
+    Stage("subset-grid", "Subsets for every threshold x ratio x method (the reference batch).",
+          "  nwh subset-grid --run demo-corpus --thresholds 0.3 0.5 --ratios 0.005 0.01 \\\n"
+          "      --methods degree pagerank coreness\n",
+          SubsetGridConfig, run_grid, show),
+]

@@ -6,6 +6,9 @@ Writes the `trace` table (one row per neuron) and the reference outputs beside r
     runs/<run>/active_neurons.txt    ids of the active neurons, space-separated
     runs/<run>/activation_vector.npy flat binary vector over all neurons (uint8)
     runs/<run>/activation_values.npy flat float32 activations
+    runs/<run>/stages/trace.json     completion marker, last
+A run id that holds anything but a trace of the same configuration is refused (an extraction
+is never replaced; another trace only with --overwrite).
 """
 
 from __future__ import annotations
@@ -13,27 +16,36 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from pipeline.core import tables
-from pipeline.core.config import add_arguments, from_args, opt, to_dict
+from pipeline.core.config import ModelOptions, Stage, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
-from pipeline.core.storage import Storage, atomic_path, slug, validate_run_id, write_json
+from pipeline.core.storage import (
+    Storage,
+    atomic_path,
+    finished_marker,
+    marker_path,
+    read_json,
+    slug,
+    validate_run_id,
+    write_json,
+    write_marker,
+)
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class TraceConfig:
-    model: str = opt(help="zoo name, local folder or hub id")
+@dataclass(kw_only=True)
+class TraceConfig(ModelOptions):
     text: str = opt(help="the text to trace")
-    revision: str | None = opt(None, help="checkpoint / hub revision")
-    device: str = opt("auto", help="auto, cpu, cuda or cuda:N")
-    dtype: str = opt("auto", help="auto, float32, float16, bfloat16")
-    trust_remote_code: bool = opt(False, help="allow model code from the hub")
     active_threshold: float = opt(0.0, help="a neuron is active iff its activation > this")
-    run: str | None = opt(None, help="run name (default: slug of model, revision and text hash)")
+    run: str | None = opt(None, help="run name (default: slug of model, revision and text hash)",
+                          hash=False)
+    overwrite: bool = opt(False, help="replace a trace of another configuration under this run "
+                          "name (an extraction is never replaced)", hash=False)
 
     def __post_init__(self) -> None:
         if not self.text:
@@ -53,18 +65,48 @@ class TraceResult:
     values: np.ndarray   # float32 [num_neurons] over all layers, layer-major
     active: np.ndarray   # bool [num_neurons]
     layer: np.ndarray    # int32 [num_neurons] layer of each neuron
+    path: Path           # the run's folder
+    skipped: bool = False
 
 
-def trace(config: TraceConfig, storage: Storage) -> TraceResult:
+def resolved_hash(config: TraceConfig) -> str:
+    """Config hash with the dtype after 'auto' (a float32 and a bfloat16 trace differ)."""
+    from pipeline.models.loading import resolve_device, resolve_dtype
+
+    dtype = resolve_dtype(config.dtype, resolve_device(config.device))
+    return config_hash(config, dtype=str(dtype).removeprefix("torch."))
+
+
+def check_run_id(storage: Storage, config: TraceConfig, key: str) -> bool:
+    """True when the run id already holds this trace; refuses anything else there."""
+    path = storage.run_manifest(config.run_id)
+    if not path.exists():
+        return False
+    manifest = read_json(path)
+    if manifest.get("kind") != "trace":
+        raise UserError(f"run {config.run_id!r} exists and is not a trace (an extraction): pass "
+                        "another --run")
+    if finished_marker(marker_path(storage, config.run_id, "trace"), key) is not None:
+        return True
+    if not config.overwrite:
+        raise UserError(f"run {config.run_id!r} holds a trace of another configuration: pass "
+                        "--overwrite to replace it, or another --run")
+    return False
+
+
+def run(config: TraceConfig, storage: Storage) -> TraceResult:
     import torch
 
     from pipeline.models.hooks import capture_neurons
     from pipeline.models.loading import load_model
 
     storage.ensure_writable()
-    loaded = load_model(config.model, config.revision, storage=storage, device=config.device,
-                        dtype=config.dtype, trust_remote_code=config.trust_remote_code,
-                        for_generation=False)
+    key = resolved_hash(config)
+    if check_run_id(storage, config, key):
+        log.info("run %s already holds this trace: nothing to do", config.run_id)
+        return stored(storage, config.run_id)
+    loaded = load_model(config.model, config.revision, storage=storage, for_generation=False,
+                        **config.model_kwargs())
     ids = loaded.tokenizer(config.text, return_tensors="pt")["input_ids"].to(loaded.device)
     if ids.shape[1] == 0:
         raise UserError("--text gives no tokens: give a longer text")
@@ -75,10 +117,28 @@ def trace(config: TraceConfig, storage: Storage) -> TraceResult:
         ]).astype(np.float32)
     active = values > config.active_threshold
     layer = np.repeat(np.arange(loaded.n_layers, dtype=np.int32), loaded.widths)
-    run_id = config.run_id
+    write_outputs(storage, config.run_id, values, active, layer, loaded.widths)
+    write_json(storage.run_manifest(config.run_id), {
+        "run_id": config.run_id, "status": "finished", "kind": "trace", "config": to_dict(config),
+        "config_hash": key, "model": _model_record(config, loaded),
+        "num_tokens": int(ids.shape[1]), "num_active": int(active.sum()),
+    })
+    write_marker(marker_path(storage, config.run_id, "trace"), to_dict(config), key,
+                 num_active=int(active.sum()))
+    return TraceResult(config.run_id, values, active, layer, storage.run_dir(config.run_id))
+
+
+def _model_record(config: TraceConfig, loaded) -> dict:
+    return {"name": config.model, "revision": loaded.revision, "source": loaded.source,
+            "family": loaded.adapter.family, "n_layers": loaded.n_layers, "widths": loaded.widths}
+
+
+def write_outputs(storage: Storage, run_id: str, values: np.ndarray, active: np.ndarray,
+                  layer: np.ndarray, widths: list[int]) -> None:
+    """The trace table and the reference files, each written atomically."""
     tables.write_part(storage, "trace", run_id, {
         "neuron_id": np.arange(values.size, dtype=np.int64), "layer": layer,
-        "neuron": np.concatenate([np.arange(w, dtype=np.int32) for w in loaded.widths]),
+        "neuron": np.concatenate([np.arange(w, dtype=np.int32) for w in widths]),
         "value": values, "active": active,
     })
     run_dir = storage.run_dir(run_id)
@@ -88,35 +148,26 @@ def trace(config: TraceConfig, storage: Storage) -> TraceResult:
                         ("activation_values.npy", values)):
         with atomic_path(run_dir / name) as tmp, open(tmp, "wb") as f:
             np.save(f, array)
-    write_json(storage.run_manifest(run_id), {
-        "run_id": run_id, "status": "finished", "kind": "trace", "config": to_dict(config),
-        "model": {"name": config.model, "revision": loaded.revision, "source": loaded.source,
-                  "family": loaded.adapter.family, "n_layers": loaded.n_layers,
-                  "widths": loaded.widths},
-        "num_tokens": int(ids.shape[1]), "num_active": int(active.sum()),
-    })
-    return TraceResult(run_id, values, active, layer)
 
 
-def register(sub) -> None:
-    from pipeline.cli import add_stage_parser
-
-    parser = add_stage_parser(
-        sub, "trace", "Activation vector of the last position of one text.",
-        '  nwh trace --model zoo-s0 --text "Return the absolute value of the argument."\n'
-        '  nwh trace --model gpt2 --text "Hello, how are you?" --run hello\n',
-    )
-    add_arguments(parser, TraceConfig)
-    parser.set_defaults(handler=_cli)
+def stored(storage: Storage, run_id: str) -> TraceResult:
+    """The result of a finished trace, read back from its table."""
+    t = tables.read_partition(storage, "trace", run_id)
+    return TraceResult(run_id, t["value"].to_numpy(), t["active"].to_numpy(zero_copy_only=False),
+                       t["layer"].to_numpy(), storage.run_dir(run_id), skipped=True)
 
 
-def _cli(args) -> int:
-    from pipeline.cli import echo
-
-    storage = Storage(args.storage)
-    result = trace(from_args(TraceConfig, args), storage)
+def show(result: TraceResult) -> str:
     per_layer = np.bincount(result.layer, weights=result.active).astype(int)
-    echo(f"run {result.run_id}: {int(result.active.sum())} of {result.active.size} neurons "
-          f"active at the last token; per layer: {per_layer.tolist()}")
-    echo(f"wrote {storage.run_dir(result.run_id)}/active_neurons.txt and activation_vector.npy")
-    return 0
+    head = (f"run {result.run_id} already holds this trace: nothing to do\n"
+            if result.skipped else "")
+    return (f"{head}run {result.run_id}: {int(result.active.sum())} of {result.active.size} "
+            f"neurons active at the last token; per layer: {per_layer.tolist()}\n"
+            f"wrote {result.path}/active_neurons.txt and activation_vector.npy")
+
+
+STAGES = [Stage(
+    "trace", "Activation vector of the last position of one text.",
+    '  nwh trace --model zoo-s0 --text "Return the absolute value of the argument."\n'
+    '  nwh trace --model gpt2 --text "Hello, how are you?" --run hello\n',
+    TraceConfig, run, show)]

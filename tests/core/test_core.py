@@ -1,4 +1,4 @@
-"""Core pieces: layer specs, run ids, schemas, bit packing, prompts CSV, accumulators."""
+"""Core pieces: layer specs, run ids, schemas, bit packing, prompts CSV."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.core import arrays, tables
-from pipeline.kernels.accumulators import NeuronMoments, load_states, save_states
 from pipeline.core.errors import UserError
 from pipeline.core.inputs import read_prompts
 from pipeline.core.layers import parse_layers
@@ -65,60 +64,6 @@ def test_pack_unpack_roundtrip(tokens, width, seed):
     assert np.array_equal(arrays.unpack_mask(packed, width), mask.numpy())
 
 
-def _dense_reference(x: np.ndarray, threshold: float) -> dict[str, np.ndarray]:
-    """Per-neuron statistics by plain loops over neurons (float64)."""
-    out = {k: [] for k in ("sum", "sum_sq", "sum_abs", "sum_cube", "sum_quad", "min", "max",
-                           "active_count")}
-    for n in range(x.shape[1]):
-        col = [float(v) for v in x[:, n]]
-        out["sum"].append(sum(col))
-        out["sum_sq"].append(sum(v * v for v in col))
-        out["sum_abs"].append(sum(abs(v) for v in col))
-        out["sum_cube"].append(sum(v ** 3 for v in col))
-        out["sum_quad"].append(sum(v ** 4 for v in col))
-        out["min"].append(min(col))
-        out["max"].append(max(col))
-        out["active_count"].append(sum(v > threshold for v in col))
-    return {k: np.array(v) for k, v in out.items()}
-
-
-def test_moments_equal_loops():
-    x = np.random.default_rng(0).normal(size=(300, 7)).astype(np.float32)
-    m = NeuronMoments(7, 0.25)
-    m.update(torch.from_numpy(x[:100]))
-    m.update(torch.from_numpy(x[100:]))
-    cols = m.columns()
-    ref = _dense_reference(x, 0.25)
-    assert (cols["count"] == 300).all()
-    for k, v in ref.items():
-        np.testing.assert_allclose(cols[k], v, rtol=1e-9, atol=1e-9, err_msg=k)
-
-
-@given(st.integers(0, 60), st.integers(0, 60), st.integers(1, 9), st.integers(0, 10_000))
-@settings(max_examples=50, deadline=None)
-def test_merge_of_halves_equals_one_pass(n1, n2, width, seed):
-    rng = np.random.default_rng(seed)
-    x = (rng.normal(size=(n1 + n2, width)) * 3).astype(np.float32)
-    one = NeuronMoments(width)
-    one.update(torch.from_numpy(x))
-    a, b = NeuronMoments(width), NeuronMoments(width)
-    a.update(torch.from_numpy(x[:n1]))
-    b.update(torch.from_numpy(x[n1:]))
-    merged = a.merge(b)
-    for k, v in one.columns().items():
-        np.testing.assert_allclose(merged.columns()[k], v, rtol=1e-12, atol=1e-9, err_msg=k)
-
-
-def test_moments_state_roundtrip(tmp_path):
-    m = NeuronMoments(5, 0.1)
-    m.update(torch.randn(20, 5))
-    save_states(tmp_path / "s.npz", {3: m})
-    back = load_states(tmp_path / "s.npz", [3])[3]
-    for k, v in m.columns().items():
-        assert np.array_equal(back.columns()[k], v)
-    assert back.active_threshold == 0.1
-
-
 def _write(tmp_path, text):
     p = tmp_path / "p.csv"
     p.write_text(text)
@@ -148,18 +93,3 @@ def test_prompts_csv_errors(tmp_path, text, needle):
 def test_prompts_missing_file(tmp_path):
     with pytest.raises(UserError):
         read_prompts(tmp_path / "nope.csv")
-
-
-@given(st.integers(1, 50), st.integers(1, 150), st.floats(-0.5, 0.5), st.integers(0, 10_000))
-@settings(max_examples=40, deadline=None)
-def test_fused_kernel_equals_torch_path(tokens, width, threshold, seed):
-    x = torch.from_numpy(np.random.default_rng(seed).normal(size=(tokens, width)).astype(np.float32))
-    fused, plain = NeuronMoments(width, threshold), NeuronMoments(width, threshold)
-    packed, per_row = fused.update_and_pack(x)
-    fused.update_and_pack(x[: tokens // 2])
-    plain.update(x)
-    plain.update(x[: tokens // 2])
-    assert np.array_equal(packed, arrays.pack_mask(x > threshold))
-    assert np.array_equal(per_row, (x > threshold).sum(1).numpy())
-    for k, v in plain.columns().items():
-        np.testing.assert_allclose(fused.columns()[k], v, rtol=1e-12, atol=1e-12, err_msg=k)

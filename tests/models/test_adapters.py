@@ -7,11 +7,11 @@ import torch
 import transformers as tf
 from transformers.activations import ACT2FN
 
-from pipeline.models.adapters import adapter_for
 from pipeline.core.errors import UserError
-from pipeline.models.hooks import ablate_neurons, capture_neurons
-from pipeline.models.loading import load_model, resolve_device, resolve_dtype
 from pipeline.core.storage import Storage
+from pipeline.models.adapters import adapter_for
+from pipeline.models.hooks import ablate_neurons, capture_neurons, edit_block_inputs
+from pipeline.models.loading import load_model, resolve_device, resolve_dtype
 
 H, I, V = 32, 48, 64  # hidden, intermediate, vocab
 _DEC = dict(hidden_size=H, intermediate_size=I, num_hidden_layers=2, num_attention_heads=4,
@@ -112,6 +112,57 @@ def test_site_input_is_nonlinearity_of_w_in(case):
     assert unembed.shape == (H, V)
     head = model.get_output_embeddings() or model.get_input_embeddings()
     torch.testing.assert_close(unembed, head.weight.T)
+
+
+def block_input_reader(block, seen: list):
+    """An independent reader of a block's hidden_states (positional or keyword)."""
+    return block.register_forward_pre_hook(
+        lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).detach().clone()),
+        with_kwargs=True)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_block_is_the_layer_and_its_input_the_residual_stream(case):
+    model, mlp_path = build(case)
+    adapter = adapter_for(model)
+    ids = torch.randint(V, (2, 7))
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    for layer in range(2):
+        block = adapter.block(model, layer)
+        assert block is model.get_submodule(mlp_path.format(layer).removesuffix(".mlp"))
+        seen: list = []
+        handle = block_input_reader(block, seen)
+        try:
+            with torch.no_grad():
+                model(input_ids=ids)
+        finally:
+            handle.remove()
+        torch.testing.assert_close(seen[0], hidden[layer])  # the stream entering the layer
+    with pytest.raises(UserError, match="out of range"):
+        adapter.block(model, 2)
+
+
+@pytest.mark.parametrize("case", ["gpt2", "opt", "llama"])
+def test_edit_block_inputs_replaces_the_stream(case):
+    model, _ = build(case)
+    block = adapter_for(model).block(model, 1)
+    ids = torch.randint(V, (2, 5))
+    with torch.no_grad():
+        clean = model(input_ids=ids)[0]
+        with edit_block_inputs({1: block}, {1: lambda x: x}):
+            same = model(input_ids=ids)[0]
+        seen: list = []
+        with edit_block_inputs({1: block}, {1: lambda x: 2 * x}):
+            handle = block_input_reader(block, seen)  # registered after: sees the edited input
+            try:
+                doubled = model(input_ids=ids)[0]
+            finally:
+                handle.remove()
+    assert torch.equal(same, clean) and not torch.allclose(doubled, clean)
+    hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[1].detach()
+    torch.testing.assert_close(seen[0], 2 * hidden)
+    assert not block._forward_pre_hooks
 
 
 @pytest.mark.parametrize("case", ["gpt2", "llama", "bert"])

@@ -1,32 +1,32 @@
-"""Co-activation engines agree exactly with a dense integer matrix product; weights with NumPy."""
+"""Co-activation engines agree exactly with a dense integer matrix product; edge weights of
+sql/edge_weights.sql equal the reference formulas in NumPy; the stage on real extractions."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
+
 import duckdb
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.core import arrays, tables
+from pipeline.cli import main
+from pipeline.core import arrays, coact, tables
+from pipeline.core.errors import UserError
+from pipeline.core.storage import Storage, read_json
 from pipeline.stages import coactivation as coactivation_module
 from pipeline.stages.coactivation import (
     CoactivationConfig,
-    active_counts,
-    coactivation,
     coactivation_counts,
-    edge_weights,
-    iter_pair_edges,
-    max_count,
     neuron_bitsets,
-    pair_edges,
-    read_counts,
+    run,
+    show,
 )
-from pipeline.core.errors import UserError
-from pipeline.stages.extract import ExtractConfig, extract
-from pipeline.core.storage import Storage
 
 CUDA = torch.cuda.is_available()
 ENGINES = ["popcount", "matmul", "sql"] + (["cuda"] if CUDA else [])
@@ -125,95 +125,148 @@ def test_kernel_input_checks():
                                 engine="cuda")
 
 
-# -- weights in SQL against NumPy formulas
+# -- edge weights: sql/edge_weights.sql against the reference formulas in NumPy
 
 
-def numpy_weights(c, n_a, n_b, t, mc):
+def numpy_weights(c, n_a, n_b, t, mc) -> dict[str, np.ndarray]:
+    """The reference formulas, for edges with count c > 0 (n: active counts, t: token rows)."""
     c = c.astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
-        p_ab, p_a, p_b = c / t, n_a / t, n_b / t
-        npmi = np.log(p_ab / (p_a * p_b)) / -np.log(p_ab)
-        jaccard = c / (n_a + n_b - c)
-    npmi = np.where(c == 0, -1.0, np.where(c == t, 1.0, npmi))
-    return c / mc, np.where(c == 0, 0.0, jaccard), npmi
+        npmi = np.log(c * t / (n_a * n_b.astype(np.float64))) / -np.log(c / t)
+    return {"normalized": c / mc, "jaccard": c / (n_a + n_b - c),
+            "npmi": np.where(c == t, 1.0, npmi)}
 
 
-def test_edge_weights_sql_equals_numpy():
+@pytest.mark.parametrize("weight", coact.WEIGHTS)
+@pytest.mark.parametrize("threshold", [-np.inf, 0.0, 0.3])
+def test_edge_weights_sql_equals_formulas(weight, threshold):
     rng = np.random.default_rng(5)
     t = 64
     a = rng.random((t, 6)) < 0.5
     b = rng.random((t, 7)) < 0.5
     a[:, 0] = b[:, 0] = True  # p_ab = 1 for the pair (0, 0)
-    a[:, 1] = False  # count 0 for every pair of neuron 1 of a
+    a[:, 1] = False  # count 0 for every pair of neuron 1 of a: no edges
     c = dense(a, b)
     n_a, n_b = a.sum(0), b.sum(0)
-    i, j = np.indices(c.shape).reshape(2, -1)
-    edges = pa.table({"layer_a": np.full(len(i), 2, np.int32), "neuron_a": i.astype(np.int32),
-                      "layer_b": np.full(len(i), 3, np.int32), "neuron_b": j.astype(np.int32),
-                      "count": c[i, j]})
-    active = pa.table({"layer": np.repeat(np.int32([2, 3]), [6, 7]),
-                       "neuron": np.int32(list(range(6)) + list(range(7))),
-                       "active_count": np.concatenate([n_a, n_b]).astype(np.int64)})
     with duckdb.connect() as con:
-        got = edge_weights(con, edges, active, tokens=t, max_count_value=100).to_pydict()
-    assert got["neuron_a"] == i.tolist() and got["neuron_b"] == j.tolist()
-    normalized, jaccard, npmi = numpy_weights(c[i, j], n_a[i], n_b[j], t, 100)
-    np.testing.assert_allclose(got["normalized"], normalized, rtol=1e-12)
-    np.testing.assert_allclose(got["jaccard"], jaccard, rtol=1e-12)
-    np.testing.assert_allclose(got["npmi"], npmi, rtol=1e-9, atol=1e-12)
-    assert got["npmi"][0] == 1.0 and got["jaccard"][0] == 1.0  # (0, 0): always together
-    assert all(v == -1.0 for v, ia in zip(got["npmi"], i) if ia == 1)
-    assert all(-1.0 <= v <= 1.0 + 1e-12 for v in got["npmi"])
+        got = coact.weighted_edges(con, c, n_a, n_b, tokens=t, max_count=100, weight=weight,
+                                   threshold=threshold)
+    assert got.column_names == ["neuron_a", "neuron_b", "count", "weight"]
+    i, j = np.nonzero(c)  # sorted by (neuron_a, neuron_b)
+    w = numpy_weights(c[i, j], n_a[i], n_b[j], t, 100)[weight]
+    keep = w > threshold
+    assert got["neuron_a"].to_pylist() == i[keep].tolist()
+    assert got["neuron_b"].to_pylist() == j[keep].tolist()
+    assert got["count"].to_pylist() == c[i, j][keep].tolist()
+    np.testing.assert_allclose(got["weight"].to_numpy(), w[keep], rtol=1e-12)
+    assert 1 not in got["neuron_a"].to_pylist()
+    if threshold == -np.inf:
+        assert got.num_rows == np.count_nonzero(c)
+        assert got["weight"][0].as_py() == (0.64 if weight == "normalized" else 1.0)  # (0, 0)
+        lo = -1.0 if weight == "npmi" else 0.0
+        assert all(lo <= v <= 1.0 + 1e-12 for v in got["weight"].to_pylist())
 
 
-# -- the stage on a real extraction of the micro model
+# -- the stage on real extractions of the micro model
+
+WIDTH = 40  # neurons per layer of the micro model
 
 
-@pytest.fixture(scope="module")
-def counted(tmp_path_factory, micro_model_dir, corpus_file):
-    storage = Storage(tmp_path_factory.mktemp("coact"))
-    extract(ExtractConfig(model=str(micro_model_dir), corpus=str(corpus_file), num_samples=12,
-                          max_length=32, run="c"), storage, progress=False)
-    coactivation(CoactivationConfig(run="c", chunk_tokens=100, device="cpu"), storage, progress=False)
-    return storage
+def extract_run(root: Path, model_dir: Path, corpus: Path, run_id: str, *extra: str) -> Storage:
+    """An extraction of 16 windows x 32 tokens through the CLI (its stable interface)."""
+    assert main(["extract", "--storage", str(root), "--model", str(model_dir), "--corpus",
+                 str(corpus), "--num-samples", "16", "--max-length", "32", "--run", run_id,
+                 "--device", "cpu", "--quiet", *extra]) == 0
+    return Storage(root)
 
 
-@pytest.fixture(scope="module")
-def masks(counted):
-    group = arrays.open_group(counted.arrays("c"), mode="r")
-    return {l: arrays.unpack_mask(group[f"active/L{l}"][:], 40) for l in range(3)}
+def stored_masks(storage: Storage, run_id: str) -> Mapping[int, np.ndarray]:
+    """Read-only boolean masks [T, 40] of every recorded layer, unpacked from the Zarr arrays."""
+    import zarr
+
+    group = zarr.open_group(str(storage.arrays(run_id)), mode="r")
+    out = {}
+    for key, array in group["active"].arrays():
+        mask = np.unpackbits(array[:], axis=1, count=WIDTH, bitorder="little").astype(bool)
+        mask.flags.writeable = False
+        out[int(key[1:])] = mask
+    return MappingProxyType(out)
 
 
-def test_stage_counts_equal_product_of_stored_masks(counted, masks):
+def counted_fixtures(run_id: str, **count_options):
+    """A test module's fixtures: `counted_root` (an extraction of the micro model, counted; read
+    only), `counted` (a private copy of it, for a test that writes), `masks` (its stored masks)."""
+
+    @pytest.fixture(scope="module")
+    def counted_root(tmp_path_factory, micro_model_dir, corpus_file) -> Path:
+        root = tmp_path_factory.mktemp(run_id) / "storage"
+        storage = extract_run(root, micro_model_dir, corpus_file, run_id)
+        run(CoactivationConfig(run=run_id, quiet=True, **count_options), storage)
+        return root
+
+    @pytest.fixture()
+    def counted(counted_root, tmp_path) -> Storage:
+        shutil.copytree(counted_root, tmp_path / "storage")
+        return Storage(tmp_path / "storage")
+
+    @pytest.fixture(scope="module")
+    def masks(counted_root) -> Mapping[int, np.ndarray]:
+        return stored_masks(Storage(counted_root), run_id)
+
+    return counted_root, counted, masks
+
+
+counted_root, counted, masks = counted_fixtures("c", chunk_tokens=100, device="cpu")
+
+
+def test_stage_counts_equal_product_of_stored_masks(counted_root, masks):
+    storage = Storage(counted_root)
+    assert sorted(masks) == [0, 1, 2] and masks[0].shape == (512, WIDTH)
     for a, b in ((0, 1), (1, 2)):
-        np.testing.assert_array_equal(read_counts(counted, "c", a, b), dense(masks[a], masks[b]))
-    pairs = tables.read_partition(counted, "coactivation_pairs", "c").to_pydict()
+        np.testing.assert_array_equal(coact.read_counts(storage, "c", a, b), dense(masks[a], masks[b]))
+    pairs = tables.read_partition(storage, "coactivation_pairs", "c").to_pydict()
     assert pairs["layer_a"] == [0, 1] and pairs["layer_b"] == [1, 2]
-    assert pairs["tokens"] == [384, 384] and pairs["engine"] == ["popcount"] * 2
+    assert pairs["tokens"] == [512, 512] and pairs["engine"] == ["popcount"] * 2
     for k, (a, b) in enumerate(((0, 1), (1, 2))):
         c = dense(masks[a], masks[b])
         assert pairs["max_count"][k] == c.max() and pairs["nonzero"][k] == np.count_nonzero(c)
         assert pairs["total"][k] == c.sum()
-    assert max_count(counted, "c") == max(pairs["max_count"])
+    assert coact.max_count(storage, "c") == max(dense(masks[a], masks[b]).max()
+                                                for a, b in ((0, 1), (1, 2)))
+    active = coact.active_counts(storage, "c")
     for l in range(3):  # neuron_stats.active_count equals the popcount of the stored masks
-        np.testing.assert_array_equal(active_counts(counted, "c")[l], masks[l].sum(0))
+        np.testing.assert_array_equal(active[l], masks[l].sum(0))
+    marker = read_json(next((storage.run_dir("c") / "stages").glob("coactivation-*.json")))
+    assert marker["config"]["run"] == "c" and marker["pairs"] == [[0, 1], [1, 2]]
 
 
 def test_rerun_skips_overwrite_recounts_and_engines_agree(counted, masks):
     group = arrays.open_group(counted.arrays("c"))
     group["coact/L0_L1"].attrs["seconds"] = 123.0  # a skipped pair keeps its attributes
-    coactivation(CoactivationConfig(run="c", engine="sql", pairs="0:1,0:2"), counted, progress=False)
+    result = run(CoactivationConfig(run="c", engine="sql", pairs="0:1,0:2", quiet=True), counted)
+    assert result.skipped == [(0, 1)] and result.counted == [(0, 2)]
+    assert "L0->L1" in show(result) and "already counted: skipped" in show(result).splitlines()[0]
     group = arrays.open_group(counted.arrays("c"), mode="r")
     assert group["coact/L0_L1"].attrs["seconds"] == 123.0
     assert group["coact/L0_L1"].attrs["engine"] == "popcount"
     assert group["coact/L0_L2"].attrs["engine"] == "sql"
-    np.testing.assert_array_equal(read_counts(counted, "c", 0, 2), dense(masks[0], masks[2]))
+    np.testing.assert_array_equal(coact.read_counts(counted, "c", 0, 2), dense(masks[0], masks[2]))
+    assert tables.read_partition(counted, "coactivation_pairs", "c")["layer_b"].to_pylist() == [1, 2, 2]
     for engine in ("matmul", "sql"):
-        coactivation(CoactivationConfig(run="c", engine=engine, pairs="0:1"), counted,
-                     overwrite=True, progress=False)
+        result = run(CoactivationConfig(run="c", engine=engine, pairs="0:1", overwrite=True,
+                                        quiet=True), counted)
+        assert result.counted == [(0, 1)] and result.skipped == []
         group = arrays.open_group(counted.arrays("c"), mode="r")
         assert group["coact/L0_L1"].attrs["engine"] == engine
-        np.testing.assert_array_equal(read_counts(counted, "c", 0, 1), dense(masks[0], masks[1]))
+        np.testing.assert_array_equal(coact.read_counts(counted, "c", 0, 1), dense(masks[0], masks[1]))
+
+
+def test_rerun_of_a_finished_stage_writes_nothing(counted):
+    part = coact.part_path(counted, "coactivation_pairs", "c", "part-0")
+    before = part.stat().st_mtime_ns, sorted((counted.run_dir("c") / "stages").iterdir())
+    result = run(CoactivationConfig(run="c", engine="sql", quiet=True), counted)  # engine: not hashed
+    assert result.counted == [] and result.skipped == [(0, 1), (1, 2)]
+    assert (part.stat().st_mtime_ns, sorted((counted.run_dir("c") / "stages").iterdir())) == before
 
 
 def test_unfinished_pair_is_recounted(counted, masks):
@@ -221,29 +274,50 @@ def test_unfinished_pair_is_recounted(counted, masks):
     group["coact/L1_L2"][:] = 0  # as if the write had stopped before the marker
     group["coact/L1_L2"].attrs["complete"] = False
     with pytest.raises(UserError, match="no co-activation counts for layers 1:2"):
-        read_counts(counted, "c", 1, 2)
-    coactivation(CoactivationConfig(run="c", device="cpu"), counted, progress=False)
-    np.testing.assert_array_equal(read_counts(counted, "c", 1, 2), dense(masks[1], masks[2]))
+        coact.read_counts(counted, "c", 1, 2)
+    result = run(CoactivationConfig(run="c", device="cpu", quiet=True), counted)
+    assert result.counted == [(1, 2)]
+    np.testing.assert_array_equal(coact.read_counts(counted, "c", 1, 2), dense(masks[1], masks[2]))
 
 
-def test_pair_edges_weights_match_numpy(counted, masks):
+@pytest.mark.parametrize("weight", coact.WEIGHTS)
+def test_pair_edges_weights_match_numpy(counted_root, masks, weight):
+    storage = Storage(counted_root)
+    g = coact.load_run_graph(storage, "c")
     t = masks[0].shape[0]
-    mc = max_count(counted, "c")
+    mc = max(dense(masks[a], masks[b]).max() for a, b in ((0, 1), (1, 2)))
     seen = []
-    for (a, b), edges in iter_pair_edges(counted, "c"):
+    for (a, b), edges in coact.iter_pair_edges(storage, g, weight=weight):
         seen.append((a, b))
-        e = edges.to_pydict()
         c = dense(masks[a], masks[b])
         i, j = np.nonzero(c)  # count > 0 only, sorted by (neuron_a, neuron_b)
-        assert e["neuron_a"] == i.tolist() and e["neuron_b"] == j.tolist()
-        assert set(e["layer_a"]) == {a} and set(e["layer_b"]) == {b}
-        np.testing.assert_array_equal(e["count"], c[i, j])
-        normalized, jaccard, npmi = numpy_weights(c[i, j], masks[a].sum(0)[i], masks[b].sum(0)[j], t, mc)
-        np.testing.assert_allclose(e["normalized"], normalized, rtol=1e-12)
-        np.testing.assert_allclose(e["jaccard"], jaccard, rtol=1e-12)
-        np.testing.assert_allclose(e["npmi"], npmi, rtol=1e-9, atol=1e-12)
-    assert seen == sorted(seen) and {(0, 1), (1, 2)} <= set(seen)
-    assert pair_edges(counted, "c", 1, 2).equals(dict(iter_pair_edges(counted, "c"))[(1, 2)])
+        assert edges["neuron_a"].to_pylist() == i.tolist()
+        assert edges["neuron_b"].to_pylist() == j.tolist()
+        np.testing.assert_array_equal(edges["count"].to_numpy(), c[i, j])
+        expect = numpy_weights(c[i, j], masks[a].sum(0)[i], masks[b].sum(0)[j], t, mc)[weight]
+        np.testing.assert_allclose(edges["weight"].to_numpy(), expect, rtol=1e-12)
+    assert seen == [(0, 1), (1, 2)]
+
+
+def test_layers_not_starting_at_zero(tmp_path, micro_model_dir, corpus_file):
+    storage = extract_run(tmp_path / "storage", micro_model_dir, corpus_file, "late",
+                          "--layers", "1-2")
+    masks = stored_masks(storage, "late")
+    assert sorted(masks) == [1, 2]
+    result = run(CoactivationConfig(run="late", quiet=True), storage)
+    assert result.counted == [(1, 2)]
+    np.testing.assert_array_equal(coact.read_counts(storage, "late", 1, 2), dense(masks[1], masks[2]))
+    pairs = tables.read_partition(storage, "coactivation_pairs", "late").to_pydict()
+    assert pairs["layer_a"] == [1] and pairs["layer_b"] == [2]
+    g = coact.load_run_graph(storage, "late")
+    assert g.pairs == [(1, 2)] and g.offsets == {1: 0, 2: WIDTH} and g.n_nodes == 2 * WIDTH
+    np.testing.assert_array_equal(g.node_ids, np.arange(WIDTH, 3 * WIDTH))  # layer-major global ids
+    np.testing.assert_array_equal(g.node_layers, np.repeat([1, 2], WIDTH))
+    np.testing.assert_array_equal(g.node_neurons, np.tile(np.arange(WIDTH), 2))
+    for l in (1, 2):
+        np.testing.assert_array_equal(g.active[l], masks[l].sum(0))
+    with pytest.raises(UserError, match="did not record"):
+        run(CoactivationConfig(run="late", pairs="0:1", quiet=True), storage)
 
 
 @pytest.mark.parametrize("kw,needle", [
@@ -253,7 +327,7 @@ def test_pair_edges_weights_match_numpy(counted, masks):
 ])
 def test_bad_input(counted, kw, needle):
     with pytest.raises(UserError, match=needle):
-        coactivation(CoactivationConfig(**kw), counted, progress=False)
+        run(CoactivationConfig(quiet=True, **kw), counted)
 
 
 @pytest.mark.parametrize("kw", [dict(engine="gpu"), dict(chunk_tokens=0), dict(chunk_tokens=9000)])

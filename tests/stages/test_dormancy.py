@@ -1,76 +1,152 @@
-"""Dormancy against NumPy on dense activations; the reference CSV log; the checkpoint sweep."""
+"""Dormancy against the formula on activations captured by an independent forward hook; the
+reference CSV log and where it goes; exact table parts; the checkpoint sweep (a flow)."""
 
 from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
-from pipeline.core import arrays, tables
+from pipeline import flows
+from pipeline.core import tables
+from pipeline.core.errors import UserError
+from pipeline.core.storage import Storage, read_json, write_json
+from pipeline.models.micro import save_random_gpt2
 from pipeline.stages.dormancy import (
     LOG_COLUMNS,
     DormancyConfig,
-    SweepConfig,
-    dormancy,
-    dormancy_sweep,
     dormant_neurons,
     parse_step,
     read_log,
+    show,
 )
-from pipeline.core.errors import UserError
-from pipeline.stages.extract import ExtractConfig, extract
-from pipeline.models.micro import save_random_gpt2
-from pipeline.core.storage import Storage, write_json
+from pipeline.stages.dormancy import run as dormancy
+from pipeline.stages.extract import ExtractConfig
+from pipeline.stages.extract import run as extract
+
+BATCH = 4
+
+
+def hooked_acts(model_dir: Path, windows: np.ndarray) -> dict[int, np.ndarray]:
+    """fp32 input of transformer.h.L.mlp.c_proj for every token, hooked on a fresh HF model."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out: dict[int, list] = {}
+    hooks = []
+    for l in range(len(model.transformer.h)):
+        module = model.get_submodule(f"transformer.h.{l}.mlp.c_proj")
+        hooks.append(module.register_forward_pre_hook(
+            lambda m, a, l=l: out.setdefault(l, []).append(a[0].reshape(-1, a[0].shape[-1]))))
+    try:
+        with torch.no_grad():
+            for s in range(0, len(windows), BATCH):
+                model.transformer(input_ids=torch.from_numpy(windows[s:s + BATCH]))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {l: torch.cat(v).numpy().astype(np.float64) for l, v in out.items()}
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, micro_model_dir, corpus_file):
+    """A finished run and its activations from an independent forward (never mutated)."""
     storage = Storage(tmp_path_factory.mktemp("dorm"))
     extract(ExtractConfig(model=str(micro_model_dir), corpus=str(corpus_file), num_samples=10,
-                          max_length=16, store_acts=True, run="d"), storage, progress=False)
-    acts = arrays.open_group(storage.arrays("d"), mode="r")
-    return storage, {l: acts[f"acts/L{l}"][:] for l in range(3)}
+                          max_length=16, batch_size=BATCH, run="d", quiet=True), storage)
+    t = tables.read_partition(storage, "tokens", "d").to_pydict()
+    windows = np.array(t["token_id"], np.int64).reshape(10, 16)  # rows are sample-major
+    assert t["position"] == list(range(16)) * 10
+    return storage, hooked_acts(micro_model_dir, windows)
 
 
-def test_tau_dormancy_equals_numpy(run, tmp_path):
-    storage, _ = run
-    stats = tables.read_partition(storage, "neuron_stats", "d").to_pydict()
-    rows, _ = dormancy(DormancyConfig(run="d", threshold=0.5, log_file=str(tmp_path / "l.csv")),
-                       storage)
-    for layer in range(3):
-        sel = np.array(stats["layer"]) == layer
-        mean_abs = np.array(stats["sum_abs"])[sel] / np.array(stats["count"])[sel]
-        score = mean_abs / (mean_abs.mean() + 1e-9)
-        row = rows.filter(pl.col("layer_index") == layer).row(0, named=True)
-        assert row["num_dormant"] == int((score <= 0.5).sum())
-        assert row["num_neurons"] == 40
-        assert row["pct_dormant"] == pytest.approx(100 * (score <= 0.5).mean())
-        total = np.array(stats["sum"])[sel].sum() / np.array(stats["count"])[sel].sum()
-        assert row["avg_activation"] == pytest.approx(total)
-        assert row["max_activation"] == pytest.approx(np.array(stats["max"])[sel].max())
-
-
-def test_tau_on_dense_fp16_activations(run):
-    """The formula on the stored dense activations agrees with the SQL flags (score margins)."""
+@pytest.fixture()
+def fresh(run, tmp_path):
+    """A copy of the module's warehouse for tests that write to it."""
     storage, acts = run
-    flags = dormant_neurons(storage, "d", threshold=0.8)
+    shutil.copytree(storage.root, tmp_path / "wh")
+    return Storage(tmp_path / "wh"), acts
+
+
+def tau_reference(acts: np.ndarray, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """(score, dormant) of DESIGN/README: score_i = mean|a_i| / (mean_k mean|a_k| + 1e-9)."""
+    mean_abs = np.abs(acts).mean(0)
+    score = mean_abs / (mean_abs.mean() + 1e-9)
+    return score, score <= tau
+
+
+@pytest.mark.parametrize("tau", [0.75, 0.95])
+def test_tau_dormancy_equals_the_formula_on_hooked_activations(fresh, tmp_path, tau):
+    storage, acts = fresh
+    result = dormancy(DormancyConfig(run="d", threshold=tau, log_file=str(tmp_path / "l.csv")),
+                      storage)
+    flags = dormant_neurons(storage, "d", threshold=tau)
     for layer, a in acts.items():
-        mean_abs = np.abs(a.astype(np.float64)).mean(0)
-        score = mean_abs / (mean_abs.mean() + 1e-9)
-        sql = flags.filter(pl.col("layer") == layer)
-        np.testing.assert_allclose(sql["score"].to_numpy(), score, rtol=5e-3)
-        clear = np.abs(score - 0.8) > 0.01  # fp16 storage can flip neurons within a hair of tau
-        assert np.array_equal(sql["dormant"].to_numpy()[clear], (score <= 0.8)[clear])
+        score, dormant = tau_reference(a, tau)
+        # no neuron within float rounding of tau, so the flags are exact
+        assert np.abs(score - tau).min() > 1e-6
+        sql = flags.filter(pl.col("layer") == layer).sort("neuron")
+        np.testing.assert_allclose(sql["score"].to_numpy(), score, rtol=1e-6)
+        assert np.array_equal(sql["dormant"].to_numpy(), dormant)
+        row = result.rows.filter(pl.col("layer_index") == layer).row(0, named=True)
+        assert row["num_dormant"] == int(dormant.sum()) and row["num_neurons"] == 40
+        assert row["pct_dormant"] == pytest.approx(100 * dormant.mean())
+        assert row["avg_activation"] == pytest.approx(a.mean(), rel=1e-6)
+        assert row["max_activation"] == pytest.approx(a.max(), rel=1e-6)
+        assert row["layer_name"] == f"transformer.h.{layer}.mlp.c_proj"
+    assert 0 < result.rows["num_dormant"].sum() < 120  # the thresholds split the neurons
+
+
+def test_never_active_and_max_abs_on_hooked_activations(run):
+    storage, acts = run
+    never = dormant_neurons(storage, "d", definition="never_active")
+    eps = dormant_neurons(storage, "d", definition="max_abs", epsilon=0.05)
+    for layer, a in acts.items():
+        sel = pl.col("layer") == layer
+        assert np.array_equal(never.filter(sel).sort("neuron")["dormant"].to_numpy(),
+                              (a <= 0).all(0))
+        max_abs = np.abs(a).max(0)
+        assert np.abs(max_abs - 0.05).min() > 1e-6
+        assert np.array_equal(eps.filter(sel).sort("neuron")["dormant"].to_numpy(), max_abs <= 0.05)
+
+
+def test_thresholds_equal_to_six_digits_get_their_own_parts(fresh, tmp_path):
+    storage, _ = fresh
+    for tau in (0.1, 0.1000001):
+        dormancy(DormancyConfig(run="d", threshold=tau, log_file=str(tmp_path / "l.csv")), storage)
+    parts = sorted(p.name for p in storage.table_partition("dormancy", "d").glob("tau-0.1*"))
+    assert parts == ["tau-0.1.parquet", "tau-0.1000001.parquet"]
+    stored = tables.read_partition(storage, "dormancy", "d").to_pydict()
+    assert {0.1, 0.1000001} <= set(stored["threshold"])
+
+
+def test_rerun_reuses_the_stored_rows(fresh, tmp_path):
+    storage, _ = fresh
+    config = DormancyConfig(run="d", threshold=0.3, log_file=str(tmp_path / "l.csv"))
+    first = dormancy(config, storage)
+    part = storage.table_partition("dormancy", "d") / "tau-0.3.parquet"
+    mtime = part.stat().st_mtime_ns
+    again = dormancy(config, storage)
+    assert again.skipped and "stored result" in show(again)
+    assert part.stat().st_mtime_ns == mtime and again.rows.equals(first.rows)
+    assert again.rows.schema == first.rows.schema  # stored and fresh rows: the declared types
+    assert len(read_log(tmp_path / "l.csv")) == 2 * 3  # the log still gets this call's rows
 
 
 def _synthetic(storage: Storage, mean_abs: list[float], run: str = "syn") -> None:
+    """A finished run whose neuron_stats give these mean |a| (count 10, a >= 0)."""
     n = len(mean_abs)
     count = 10
-    cols = {"neuron_id": np.arange(n), "layer": np.zeros(n), "neuron": np.arange(n),
-            "count": np.full(n, count), "sum": np.array(mean_abs) * count,
-            "sum_sq": np.zeros(n), "sum_abs": np.array(mean_abs) * count,
-            "sum_cube": np.zeros(n), "sum_quad": np.zeros(n), "min": np.zeros(n),
-            "max": np.array(mean_abs), "active_count": (np.array(mean_abs) > 0).astype(int)}
+    given = {"neuron_id": np.arange(n), "layer": np.zeros(n), "neuron": np.arange(n),
+             "count": np.full(n, count), "sum": np.array(mean_abs) * count,
+             "sum_abs": np.array(mean_abs) * count, "min": np.zeros(n),
+             "max": np.array(mean_abs), "active_count": (np.array(mean_abs) > 0).astype(int)}
+    # the moment columns play no part in dormancy
+    cols = {k: given.get(k, np.zeros(n)) for k in tables.schema("neuron_stats").names}
     tables.write_part(storage, "neuron_stats", run, cols)
     tables.write_part(storage, "neurons", run, {
         "neuron_id": np.arange(n), "layer": np.zeros(n), "neuron": np.arange(n),
@@ -107,12 +183,17 @@ def test_log_header_append_and_write(tmp_path):
     assert read_log(log)["step"].to_list() == [7]
 
 
-def test_auto_log_name(tmp_path, monkeypatch):
+def test_default_log_goes_under_the_storage_reports(tmp_path, monkeypatch):
     storage = Storage(tmp_path / "s")
     _synthetic(storage, [0.1, 1.0])
-    monkeypatch.chdir(tmp_path)
-    _, path = dormancy(DormancyConfig(run="syn"), storage)
-    assert path.name.startswith("dormancy_results_syn_") and path.exists()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    result = dormancy(DormancyConfig(run="syn"), storage)
+    assert os.listdir(cwd) == []
+    assert result.log_file.parent == tmp_path / "s" / "reports" / "syn"
+    assert result.log_file.name.startswith("dormancy_results_syn_") and result.log_file.exists()
+    assert str(result.log_file) in show(result)
 
 
 def test_parse_step():
@@ -120,7 +201,7 @@ def test_parse_step():
 
 
 @pytest.mark.parametrize("kw", [dict(threshold=-0.1), dict(definition="sleepy"),
-                                dict(log_mode="replace")])
+                                dict(log_mode="replace"), dict(epsilon=-1.0)])
 def test_bad_config(kw):
     with pytest.raises(UserError):
         DormancyConfig(run="x", **kw)
@@ -136,9 +217,23 @@ def test_sweep_over_local_revisions(tmp_path, corpus_file):
     for seed, rev in ((0, "step0"), (1, "step5")):
         save_random_gpt2(root / rev, seed=seed, n_layer=2, d_mlp=24)
     log = tmp_path / "sweep.csv"
-    rows, _ = dormancy_sweep(SweepConfig(model=str(root), corpus=str(corpus_file), num_samples=4,
-                                         max_length=16, log_file=str(log)),
-                             Storage(tmp_path / "s"), progress=False)
-    assert rows["step"].to_list() == [0, 0, 5, 5]
+    storage = Storage(tmp_path / "s")
+    config = flows.SweepConfig(model=str(root), corpus=str(corpus_file), num_samples=4,
+                               max_length=16, dtype="float32", log_file=str(log), quiet=True)
+    result = flows.run_sweep(config, storage)
+    assert result.rows["step"].to_list() == [0, 0, 5, 5]
     logged = read_log(log)
     assert logged.height == 4 and logged["revision"].to_list() == ["step0"] * 2 + ["step5"] * 2
+    for run_id, revision in zip(result.runs, ("step0", "step5")):
+        manifest = read_json(storage.run_manifest(run_id))
+        assert manifest["model"]["revision"] == revision
+        assert manifest["config"]["dtype"] == "float32" and manifest["resolved"]["dtype"] == "float32"
+    again = flows.run_sweep(config, storage)  # every stage skips its finished work
+    assert again.rows.equals(result.rows)
+
+
+def test_sweep_config_validates():
+    with pytest.raises(UserError):
+        flows.SweepConfig(model="m", definition="sleepy")
+    with pytest.raises(UserError):
+        flows.SweepConfig(model="m", num_samples=0)

@@ -1,12 +1,12 @@
-"""Extraction end to end on a micro GPT-2: read back and compare with an independent forward pass."""
+"""Extraction end to end on a micro GPT-2: read back and compare with an independent forward pass;
+interruptions at fixed points (an exception, a real kill -9) resume to the uninterrupted result."""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +15,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import pipeline.stages.extract as ex
+from pipeline.cli import main
 from pipeline.core import arrays, tables
 from pipeline.core.errors import UserError
-from pipeline.stages.extract import ExtractConfig, extract
-from pipeline.core.storage import Storage, read_json
+from pipeline.core.storage import Storage, marker_path, read_json
+from pipeline.stages.extract import ExtractConfig
+from pipeline.stages.extract import run as extract
 
 THRESHOLD = 0.05
 
@@ -56,39 +59,50 @@ def token_windows(storage: Storage, run: str) -> np.ndarray:
 @pytest.fixture(scope="module")
 def corpus_run(tmp_path_factory, micro_model_dir, corpus_file):
     storage = Storage(tmp_path_factory.mktemp("wh"))
-    config = ExtractConfig(model=str(micro_model_dir), corpus=str(corpus_file), num_samples=20, device="cpu",
-                           max_length=24, batch_size=4, store_acts=True,
-                           active_threshold=THRESHOLD, chunk_tokens=150, commit_seconds=0, run="r1")
-    manifest = extract(config, storage, progress=False)
-    return storage, config, manifest
+    config = ExtractConfig(model=str(micro_model_dir), corpus=str(corpus_file), num_samples=20,
+                           device="cpu", max_length=24, batch_size=4, store_acts=True,
+                           active_threshold=THRESHOLD, chunk_tokens=150, commit_seconds=0,
+                           run="r1", quiet=True)
+    result = extract(config, storage)
+    return storage, config, result
 
 
-def test_manifest(corpus_run):
-    storage, config, manifest = corpus_run
+@pytest.fixture(scope="module")
+def reference_acts(corpus_run, micro_model_dir):
+    storage, config, _ = corpus_run
+    return independent_acts(micro_model_dir, token_windows(storage, "r1"), config.batch_size)
+
+
+def test_manifest_and_marker(corpus_run):
+    storage, config, result = corpus_run
     m = read_json(storage.run_manifest("r1"))
     assert m["status"] == "finished" and m["rows"] == 20 * 24 and m["samples"] == 20
     assert m["config"]["num_samples"] == 20 and m["versions"]["torch"] == torch.__version__
     assert m["model"]["widths"] == [40, 40, 40]
+    assert m["resolved"] == {"dtype": "float32", "device_type": "cpu",
+                             "input_fingerprint": m["resolved"]["input_fingerprint"]}
+    assert m["threads"]["torch"] >= 1 and m["threads"]["numba"] >= 1
     assert not (storage.run_dir("r1") / "state").exists()
+    marker = read_json(marker_path(storage, "r1", "extract"))
+    assert marker["config_hash"] == m["config_hash"] and marker["rows"] == 480
+    assert not result.skipped and result.manifest["rows"] == 480
 
 
-def test_dense_acts_match_independent_forward(corpus_run, micro_model_dir):
-    storage, config, _ = corpus_run
-    windows = token_windows(storage, "r1")
-    ref = independent_acts(micro_model_dir, windows, config.batch_size)
+def test_dense_acts_match_independent_forward(corpus_run, reference_acts):
+    storage, _, _ = corpus_run
     group = arrays.open_group(storage.arrays("r1"), mode="r")
-    for layer, acts in ref.items():
+    for layer, acts in reference_acts.items():
         stored = group[f"acts/L{layer}"][:]
         assert stored.dtype == np.float16 and stored.shape == acts.shape
-        np.testing.assert_allclose(stored.astype(np.float32), acts, rtol=2e-3, atol=2e-3)
+        # fp16 storage: half an ulp of fp16 (2^-11 = 4.9e-4 relative) plus the subnormal step
+        np.testing.assert_allclose(stored.astype(np.float32), acts, rtol=5e-4, atol=6e-8)
 
 
-def test_masks_are_exactly_acts_above_threshold(corpus_run, micro_model_dir):
-    storage, config, _ = corpus_run
-    ref = independent_acts(micro_model_dir, token_windows(storage, "r1"), config.batch_size)
+def test_masks_are_exactly_acts_above_threshold(corpus_run, reference_acts):
+    storage, _, _ = corpus_run
     group = arrays.open_group(storage.arrays("r1"), mode="r")
-    num_active = np.zeros(len(ref[0]), np.int64)
-    for layer, acts in ref.items():
+    num_active = np.zeros(len(reference_acts[0]), np.int64)
+    for layer, acts in reference_acts.items():
         mask = arrays.unpack_mask(group[f"active/L{layer}"][:], acts.shape[1])
         assert np.array_equal(mask, acts > THRESHOLD)
         num_active += mask.sum(1)
@@ -96,42 +110,79 @@ def test_masks_are_exactly_acts_above_threshold(corpus_run, micro_model_dir):
                           num_active)
 
 
-def test_neuron_stats_match_dense_numpy(corpus_run, micro_model_dir):
-    storage, config, _ = corpus_run
-    ref = independent_acts(micro_model_dir, token_windows(storage, "r1"), config.batch_size)
+def test_neuron_stats_match_dense_numpy(corpus_run, reference_acts):
+    """Raw sums, and the power sums about the stored per-neuron shift, against dense NumPy."""
+    storage, _, _ = corpus_run
     stats = tables.read_partition(storage, "neuron_stats", "r1").to_pydict()
-    for layer, acts in ref.items():
+    for layer, acts in reference_acts.items():
         x = acts.astype(np.float64)
         sel = np.array(stats["layer"]) == layer
         col = {k: np.array(v)[sel] for k, v in stats.items()}
         assert (col["count"] == x.shape[0]).all()
         assert np.array_equal(col["neuron_id"], layer * 40 + np.arange(40))
-        for name, expect in [("sum", x.sum(0)), ("sum_sq", (x ** 2).sum(0)),
-                             ("sum_abs", np.abs(x).sum(0)), ("sum_cube", (x ** 3).sum(0)),
-                             ("sum_quad", (x ** 4).sum(0)), ("min", x.min(0)), ("max", x.max(0))]:
+        shift = col["shift"]
+        assert np.isfinite(shift).all() and (shift >= x.min(0)).all() and (shift <= x.max(0)).all()
+        d = x - shift
+        for name, expect in [("sum", x.sum(0)), ("sum_abs", np.abs(x).sum(0)),
+                             ("shifted_sum", d.sum(0)), ("shifted_sum_sq", (d ** 2).sum(0)),
+                             ("shifted_sum_cube", (d ** 3).sum(0)),
+                             ("shifted_sum_quad", (d ** 4).sum(0)),
+                             ("min", x.min(0)), ("max", x.max(0))]:
             np.testing.assert_allclose(col[name], expect, rtol=1e-5, atol=1e-6, err_msg=name)
         assert np.array_equal(col["active_count"], (x > THRESHOLD).sum(0))
 
 
-def test_rerun_finished_is_noop(corpus_run):
+def test_rerun_finished_is_skipped(corpus_run):
     storage, config, _ = corpus_run
     part = next(storage.table_partition("tokens", "r1").glob("*.parquet"))
     before = part.stat().st_mtime_ns
-    extract(config, storage, progress=False)
-    assert part.stat().st_mtime_ns == before
+    result = extract(config, storage)
+    assert result.skipped and part.stat().st_mtime_ns == before
+    assert "nothing to do" in ex.show(result)
+
+
+def files_of(root: Path) -> dict:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, micro_model_dir, corpus_file,
+                                                    capsys):
+    root = tmp_path / "wh"
+    code = main(["extract", "--model", str(micro_model_dir), "--corpus", str(corpus_file),
+                 "--num-samples", "6", "--max-length", "16", "--store-acts", "--acts-layers", "1",
+                 "--run", "dry", "--dry-run", "--storage", str(root)])
+    out = capsys.readouterr().out
+    assert code == 0 and not root.exists()
+    # 3 layers of ceil(40 / 8) = 5 mask bytes, one dense fp16 layer of 40 x 2 bytes, 40 B tokens
+    assert "15 B masks + 80 B dense + ~40 B tokens row = 135 B" in out
+    assert f"{96 * 135 / 1024:.1f} KiB" in out and "new run" in out
+
+
+def test_dry_run_of_a_partial_run_names_the_resume_point(tmp_path, micro_model_dir, corpus_file,
+                                                         monkeypatch):
+    storage = Storage(tmp_path)
+    interrupt_after_commits(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        extract(_config(micro_model_dir, corpus_file, "p"), storage)
+    monkeypatch.undo()
+    before = files_of(tmp_path)
+    result = extract(_config(micro_model_dir, corpus_file, "p", dry_run=True), storage)
+    assert result.plan.status == "resume" and result.plan.committed_rows == 64
+    assert "resume after 64 committed rows" in ex.show(result)
+    assert result.plan.disk_needed == (256 - 64) * result.plan.bytes_per_token
+    assert files_of(tmp_path) == before
 
 
 def test_name_clash_refused_then_overwrite(tmp_path, micro_model_dir, corpus_file):
     storage = Storage(tmp_path)
     base = dict(model=str(micro_model_dir), corpus=str(corpus_file), num_samples=4, max_length=16,
-                run="clash")
-    extract(ExtractConfig(**base), storage, progress=False)
-    snapshot = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    with pytest.raises(UserError, match="--overwrite"):
-        extract(ExtractConfig(**{**base, "num_samples": 6}), storage, progress=False)
-    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == snapshot
-    m = extract(ExtractConfig(**{**base, "num_samples": 6}), storage, overwrite=True,
-                progress=False)
+                run="clash", quiet=True)
+    extract(ExtractConfig(**base), storage)
+    snapshot = files_of(tmp_path)
+    with pytest.raises(UserError, match=r"num_samples.*--overwrite"):
+        extract(ExtractConfig(**{**base, "num_samples": 6}), storage)
+    assert files_of(tmp_path) == snapshot
+    m = extract(ExtractConfig(**{**base, "num_samples": 6}, overwrite=True), storage).manifest
     assert m["samples"] == 6
     assert tables.read_partition(storage, "tokens", "clash").num_rows == 6 * 16
 
@@ -139,13 +190,43 @@ def test_name_clash_refused_then_overwrite(tmp_path, micro_model_dir, corpus_fil
 def test_layer_subset_and_dense_subset(tmp_path, micro_model_dir, corpus_file):
     storage = Storage(tmp_path)
     extract(ExtractConfig(model=str(micro_model_dir), corpus=str(corpus_file), num_samples=3,
-                          max_length=8, layers="1-2", store_acts=True, acts_layers="2", run="sub"),
-            storage, progress=False)
+                          max_length=8, layers="1-2", store_acts=True, acts_layers="2", run="sub",
+                          quiet=True), storage)
     group = arrays.open_group(storage.arrays("sub"), mode="r")
     assert sorted(k for k, _ in group["active"].arrays()) == ["L1", "L2"]
     assert sorted(k for k, _ in group["acts"].arrays()) == ["L2"]
     ids = tables.read_partition(storage, "neurons", "sub")["neuron_id"].to_numpy()
     assert ids.min() == 40 and ids.max() == 119  # global ids keep the offsets of all layers
+
+
+@pytest.mark.parametrize("kw", [dict(corpus="x.txt", prompts="p.csv"), dict(chunk_tokens=0),
+                                dict(commit_seconds=-1), dict(temperature=-0.1), dict(top_k=-1),
+                                dict(num_samples=0), dict(batch_size=0), dict(run="a/b")])
+def test_bad_config(kw):
+    with pytest.raises(UserError):
+        ExtractConfig(model="m", **kw)
+
+
+# -- interruptions at fixed points, and resumes
+
+
+class Interrupted(Exception):
+    """Raised by the test at a chosen commit, as an interruption would stop the run there."""
+
+
+def interrupt_after_commits(monkeypatch, n: int) -> None:
+    """Stop the run right after its n-th commit is on disk."""
+    real = ex._Writer.commit
+    done = {"n": 0}
+
+    def commit(self, units_done, samples):
+        real(self, units_done, samples)
+        self.wait()
+        done["n"] += 1
+        if done["n"] == n:
+            raise Interrupted(f"after commit {n}")
+
+    monkeypatch.setattr(ex._Writer, "commit", commit)
 
 
 def _snapshot(storage: Storage, run: str) -> dict:
@@ -163,24 +244,23 @@ def _snapshot(storage: Storage, run: str) -> dict:
 
 
 def _config(model_dir, corpus, run, **kw):
-    return ExtractConfig(model=str(model_dir), corpus=str(corpus), num_samples=16, max_length=16,
-                         batch_size=2, chunk_tokens=32, commit_seconds=0, store_acts=True, run=run, **kw)
+    return ExtractConfig(**{**dict(model=str(model_dir), corpus=str(corpus), num_samples=16,
+                                   max_length=16, batch_size=2, chunk_tokens=32, commit_seconds=0,
+                                   store_acts=True, run=run, quiet=True), **kw})
 
 
 def test_resume_after_crash_equals_uninterrupted(tmp_path, micro_model_dir, corpus_file,
                                                  monkeypatch):
     ref_storage = Storage(tmp_path / "ref")
-    extract(_config(micro_model_dir, corpus_file, "r"), ref_storage, progress=False)
+    extract(_config(micro_model_dir, corpus_file, "r"), ref_storage)
 
     storage = Storage(tmp_path / "crash")
-    import pipeline.stages.extract as ex
-
-    real_write_parts = tables.write_part
+    real_write_part = tables.write_part
     calls = {"n": 0}
 
     def failing_write_part(storage_, table, run_id, data, part="part-0"):
         # crash on the 3rd commit after its Zarr rows are written, before the manifest is
-        real_write_parts(storage_, table, run_id, data, part)
+        real_write_part(storage_, table, run_id, data, part)
         if table == "tokens":
             calls["n"] += 1
             if calls["n"] == 3:
@@ -188,55 +268,162 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, micro_model_dir, corp
 
     monkeypatch.setattr(ex.tables, "write_part", failing_write_part)
     with pytest.raises(RuntimeError):
-        extract(_config(micro_model_dir, corpus_file, "r"), storage, progress=False)
-    monkeypatch.setattr(ex.tables, "write_part", real_write_parts)
+        extract(_config(micro_model_dir, corpus_file, "r"), storage)
+    monkeypatch.setattr(ex.tables, "write_part", real_write_part)
     m = read_json(storage.run_manifest("r"))
-    assert m["status"] == "running" and 0 < m["committed"]["rows"] < 16 * 16
-    extract(_config(micro_model_dir, corpus_file, "r"), storage, progress=False)
+    assert m["status"] == "running" and m["committed"]["rows"] == 2 * 32
+    assert not marker_path(storage, "r", "extract").exists()
+    extract(_config(micro_model_dir, corpus_file, "r"), storage)
     assert _snapshot(storage, "r") == _snapshot(ref_storage, "r")
 
 
-def test_kill_9_resumes_exactly(tmp_path, micro_model_dir):
-    corpus = tmp_path / "big.txt"
-    rng = np.random.default_rng(0)
-    words = np.array("alpha beta gamma delta value list return none error".split())
-    corpus.write_text("\n\n".join(" ".join(rng.choice(words, 40)) for _ in range(800)))
-    args = ["extract", "--model", str(micro_model_dir), "--corpus", str(corpus),
-            "--num-samples", "600", "--max-length", "16", "--batch-size", "1",
+KILL_AT_COMMIT = textwrap.dedent("""
+    import os, signal, sys
+    import pipeline.core.tables as tables
+    from pipeline.cli import main
+
+    real, calls = tables.write_part, [0]
+
+    def write_part(storage, table, run_id, data, part="part-0"):
+        path = real(storage, table, run_id, data, part)
+        if table == "tokens":
+            calls[0] += 1
+            if calls[0] == int(os.environ["KILL_AT"]):
+                os.kill(os.getpid(), signal.SIGKILL)  # mid-commit: rows written, manifest not
+        return path
+
+    tables.write_part = write_part
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_kill_9_mid_commit_resumes_exactly(tmp_path, micro_model_dir, corpus_file):
+    args = ["extract", "--model", str(micro_model_dir), "--corpus", str(corpus_file),
+            "--num-samples", "40", "--max-length", "16", "--batch-size", "1",
             "--chunk-tokens", "16", "--commit-seconds", "0", "--run", "k", "--quiet"]
     ref = Storage(tmp_path / "ref")
-    subprocess.run([sys.executable, "-m", "pipeline", *args, "--storage", str(ref.root)],
-                   check=True, capture_output=True)
+    assert main([*args, "--storage", str(ref.root)]) == 0
     storage = Storage(tmp_path / "killed")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--storage",
-                             str(storage.root)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    manifest = storage.run_manifest("k")
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if manifest.exists():
-            try:
-                if read_json(manifest)["committed"]["rows"] >= 160:
-                    break
-            except (ValueError, KeyError):
-                pass
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    m = read_json(manifest)
-    assert m["status"] == "running", "the run finished before it could be killed"
+    script = tmp_path / "kill_at_commit.py"
+    script.write_text(KILL_AT_COMMIT)
+    env = {**os.environ, "KILL_AT": "10"}
+    proc = subprocess.run([sys.executable, str(script), *args, "--storage", str(storage.root)],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    m = read_json(storage.run_manifest("k"))
+    assert m["status"] == "running" and m["committed"]["rows"] == 9 * 16
     out = subprocess.run([sys.executable, "-m", "pipeline", *args, "--storage",
                           str(storage.root)], check=True, capture_output=True, text=True)
-    assert "600 sequences" in out.stdout
+    assert "40 sequences" in out.stdout
     assert _snapshot(storage, "k") == _snapshot(ref, "k")
+
+
+PROMPTS = ('prompts,number_of_new_tokens,num_samples\n"the value of",6,2\n"raise error",4,3\n'
+           '"return a list",5,1\n')
+
+
+def test_resume_of_a_prompts_run_equals_uninterrupted(tmp_path, micro_model_dir, monkeypatch):
+    csv = tmp_path / "p.csv"
+    csv.write_text(PROMPTS)
+    config = ExtractConfig(model=str(micro_model_dir), prompts=str(csv), seed=5, top_k=20,
+                           temperature=1.0, store_acts=True, chunk_tokens=1, commit_seconds=0,
+                           run="pr", quiet=True)
+    ref = Storage(tmp_path / "ref")
+    extract(config, ref)
+    storage = Storage(tmp_path / "int")
+    interrupt_after_commits(monkeypatch, 1)
+    with pytest.raises(Interrupted):
+        extract(config, storage)
+    monkeypatch.undo()
+    m = read_json(storage.run_manifest("pr"))
+    first_prompt_rows = 2 * (len(micro_tokens(micro_model_dir, "the value of")) + 6)
+    assert m["status"] == "running" and m["committed"]["units"] == 1
+    assert m["committed"]["rows"] == first_prompt_rows
+    extract(config, storage)
+    assert _snapshot(storage, "pr") == _snapshot(ref, "pr")
+    assert _snapshot(storage, "pr")["acts/L0"]  # the comparison covers the dense arrays
+
+
+def micro_tokens(model_dir, text: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]
+
+
+def _interrupted_run(tmp_path, micro_model_dir, corpus, monkeypatch, **kw) -> Storage:
+    storage = Storage(tmp_path / "wh")
+    interrupt_after_commits(monkeypatch, 1)
+    with pytest.raises(Interrupted):
+        extract(_config(micro_model_dir, corpus, "x", **kw), storage)
+    monkeypatch.undo()
+    assert read_json(storage.run_manifest("x"))["committed"]["rows"] == 32
+    return storage
+
+
+def _cli_resume(storage, micro_model_dir, corpus, *extra) -> list[str]:
+    return ["extract", "--model", str(micro_model_dir), "--corpus", str(corpus),
+            "--num-samples", "16", "--max-length", "16", "--batch-size", "2", "--chunk-tokens",
+            "32", "--commit-seconds", "0", "--store-acts", "--run", "x", "--quiet",
+            "--storage", str(storage.root), *extra]
+
+
+def test_resume_with_another_dtype_is_refused(tmp_path, micro_model_dir, corpus_file,
+                                              monkeypatch, capsys):
+    storage = _interrupted_run(tmp_path, micro_model_dir, corpus_file, monkeypatch,
+                               dtype="float32")
+    before = files_of(storage.root)
+    code = main(_cli_resume(storage, micro_model_dir, corpus_file, "--dtype", "bfloat16"))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "float32, now bfloat16" in err and "--dtype float32" in err and "--overwrite" in err
+    assert files_of(storage.root) == before
+    # 'auto' resolves to float32 on the CPU: the same run, so it resumes
+    assert main(_cli_resume(storage, micro_model_dir, corpus_file, "--dtype", "auto")) == 0
+    ref = Storage(tmp_path / "ref")
+    extract(_config(micro_model_dir, corpus_file, "x"), ref)
+    assert _snapshot(storage, "x") == _snapshot(ref, "x")
+
+
+def test_resume_on_another_device_type_is_refused(tmp_path, micro_model_dir, corpus_file,
+                                                  monkeypatch, capsys):
+    storage = _interrupted_run(tmp_path, micro_model_dir, corpus_file, monkeypatch,
+                               device="cpu", dtype="float32")
+    before = files_of(storage.root)
+    import pipeline.models.loading as loading
+
+    # a machine where 'cuda' resolves: the refusal comes before any model is loaded there
+    monkeypatch.setattr(loading, "resolve_device", lambda spec: torch.device(spec))
+    code = main(_cli_resume(storage, micro_model_dir, corpus_file, "--device", "cuda",
+                            "--dtype", "float32"))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "started on cpu, now cuda" in err and "--device cpu" in err, err
+    assert files_of(storage.root) == before
+
+
+def test_resume_with_a_changed_corpus_file_is_refused(tmp_path, micro_model_dir, corpus_file,
+                                                      monkeypatch, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(corpus_file.read_bytes())
+    storage = _interrupted_run(tmp_path, micro_model_dir, corpus, monkeypatch)
+    before = files_of(storage.root)
+    original = corpus.read_bytes()
+    corpus.write_bytes(original.replace(b"value", b"values", 1))
+    code = main(_cli_resume(storage, micro_model_dir, corpus))
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "changed since it started" in err, err
+    assert files_of(storage.root) == before
+    corpus.write_bytes(original)  # the original file: the run resumes
+    assert main(_cli_resume(storage, micro_model_dir, corpus)) == 0
+    assert read_json(storage.run_manifest("x"))["status"] == "finished"
 
 
 def test_prompts_run_greedy_matches_hf_generate(tmp_path, micro_model_dir):
     csv = tmp_path / "p.csv"
     csv.write_text('prompts,number_of_new_tokens,num_samples\n"the value of",6,2\n"raise error",4,1\n')
     storage = Storage(tmp_path / "s")
-    extract(ExtractConfig(model=str(micro_model_dir), prompts=str(csv), temperature=0, run="g"),
-            storage, progress=False)
+    extract(ExtractConfig(model=str(micro_model_dir), prompts=str(csv), temperature=0, run="g",
+                          quiet=True), storage)
     t = tables.read_partition(storage, "tokens", "g").to_pydict()
     model = AutoModelForCausalLM.from_pretrained(micro_model_dir).eval()
     from transformers import AutoTokenizer
@@ -256,11 +443,11 @@ def test_prompts_sampling_is_seeded(tmp_path, micro_model_dir):
     csv = tmp_path / "p.csv"
     csv.write_text('prompts,number_of_new_tokens,num_samples\n"the value of",8,3\n')
 
-    def run(seed, name):
+    def sampled(seed, name):
         storage = Storage(tmp_path / name)
         extract(ExtractConfig(model=str(micro_model_dir), prompts=str(csv), seed=seed, top_k=20,
-                              temperature=1.0, run="s"), storage, progress=False)
+                              temperature=1.0, run="s", quiet=True), storage)
         return tables.read_partition(storage, "tokens", "s")["token_id"].to_pylist()
 
-    assert run(1, "a") == run(1, "b")
-    assert run(1, "a") != run(2, "c")
+    assert sampled(1, "a") == sampled(1, "b")
+    assert sampled(1, "a") != sampled(2, "c")

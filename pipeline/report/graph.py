@@ -1,0 +1,72 @@
+"""Figures of the graph stage, drawn from the tables it wrote (edges, threshold_analysis).
+
+    nwh graph --run demo-corpus --threshold 0.5    # the CLI calls draw() after the stage
+
+Under reports/<run>/: edge_weights_<weight>.png (kept edge weights), degrees_<weight>_<t>.png
+(node degrees of the kept graph, isolated nodes included), threshold_analysis_<weight>.png and
+the reference's threshold_analysis_<weight>.csv.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from pipeline.core import coact, tables
+from pipeline.core.storage import Storage
+from pipeline.report.plots import plot_histogram, save_png
+
+
+def draw(result, config, storage: Storage) -> list[Path]:
+    """Figures of one graph (result of pipeline.stages.graph.run, its GraphConfig)."""
+    out_dir = storage.reports(config.run)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    part = coact.graph_part(config.weight, config.threshold)
+    edges = pl.scan_parquet(coact.part_path(storage, "edges", config.run, part))
+    weights = edges.select("weight").collect()["weight"].to_numpy()
+    label = f"{config.weight} > {config.threshold:g}"
+    paths = [plot_histogram(weights, out_dir / f"edge_weights_{config.weight}.png",
+                            title=f"Edge weights ({label})", xlabel="weight"),
+             plot_histogram(_degrees(edges, result.nodes),
+                            out_dir / f"degrees_{config.weight}_{config.threshold!r}.png",
+                            title=f"Node degrees ({label})", xlabel="degree")]
+    analysis = pl.from_arrow(coact.read_part(storage, "threshold_analysis", config.run,
+                                             config.weight))
+    paths.append(plot_threshold_analysis(analysis, out_dir / f"threshold_analysis_{config.weight}.png",
+                                         config.weight))
+    paths.append(tables.write_frame(analysis.drop("weight"),
+                                    out_dir / f"threshold_analysis_{config.weight}.csv"))
+    return paths
+
+
+def _degrees(edges: pl.LazyFrame, n_nodes: int) -> np.ndarray:
+    """Degree of every node of the base graph: the edges' endpoints counted, plus a zero for
+    each node without an edge."""
+    ends = pl.concat([edges.select(pl.col("source").alias("node")),
+                      edges.select(pl.col("target").alias("node"))])
+    counts = ends.group_by("node").len().collect()["len"].to_numpy()
+    return np.concatenate([counts, np.zeros(n_nodes - len(counts), counts.dtype)])
+
+
+def plot_threshold_analysis(analysis: pl.DataFrame, path: Path, weight: str) -> Path:
+    """Edges kept, nodes and components, component sizes, per threshold."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    t = analysis["threshold"].to_numpy()
+    axes[0].plot(t, analysis["edges"], marker="o")
+    axes[0].set(yscale="symlog", title="Edges kept", xlabel=f"{weight} threshold", ylabel="edges")
+    axes[1].plot(t, analysis["nodes_with_edge"], marker="o", label="nodes with an edge")
+    axes[1].plot(t, analysis["nontrivial_components"], marker="s", label="components > 1 node")
+    axes[1].set(title="Nodes and components", xlabel=f"{weight} threshold")
+    axes[1].legend()
+    axes[2].plot(t, analysis["max_component"], marker="o", label="max")
+    axes[2].plot(t, analysis["mean_component"], marker="s", label="mean")
+    axes[2].set(yscale="log", title="Component size", xlabel=f"{weight} threshold", ylabel="nodes")
+    axes[2].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_png(fig, path)

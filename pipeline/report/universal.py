@@ -1,0 +1,59 @@
+"""Figures of `nwh universal`, drawn from its tables (correlation_summary, universal_neurons and
+the reference's neuron_properties with the universal flag).
+
+storage/reports/<name>/universal_correlations.png, universal_properties.png, universal_layers.png.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.report.plots import plt, save_png  # plots picks the Agg backend first
+
+PROPERTIES = ("w_in_norm", "w_out_norm", "in_out_sim", "vocab_kurt", "act_mean", "sparsity")
+
+
+def draw(result, config, storage) -> list[Path]:
+    out = storage.reports(result.name)
+    return [plot_correlations(result.summary, out / "universal_correlations.png"),
+            plot_properties(result.properties, out / "universal_properties.png"),
+            plot_layers(result.neurons, out / "universal_layers.png")]
+
+
+def plot_correlations(summary: pl.DataFrame, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.hist(summary["max_corr"].to_numpy(), bins=50, alpha=0.6, label="max correlation")
+    ax.hist(summary["baseline_max"].to_numpy(), bins=50, alpha=0.6, label="baseline max")
+    ax.set(title="Max correlation with the other models' neurons", xlabel="Pearson r",
+           ylabel="neurons x models")
+    ax.legend()
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def plot_properties(props: pl.DataFrame, path: Path) -> Path:
+    """Histograms of properties of universal vs other neurons (props has a `universal` column)."""
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    uni = props.filter(pl.col("universal"))
+    rest = props.filter(~pl.col("universal"))
+    for ax, col in zip(axes.ravel(), PROPERTIES):
+        for group, label in ((rest, "other"), (uni, "universal")):
+            values = group[col].drop_nans().drop_nulls().to_numpy()
+            if len(values):
+                ax.hist(values, bins=40, alpha=0.6, density=True, label=label)
+        ax.set(title=col)
+        ax.legend(fontsize=8)
+    fig.suptitle("Properties of universal vs other neurons (reference model)")
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def plot_layers(neurons: pl.DataFrame, path: Path) -> Path:
+    layers = neurons.group_by("layer").agg(pl.col("universal").mean().alias("share")).sort("layer")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(layers["layer"].to_numpy(), 100 * layers["share"].to_numpy())
+    ax.set(title="Universal neurons per layer", xlabel="layer", ylabel="% universal")
+    fig.tight_layout()
+    return save_png(fig, path)

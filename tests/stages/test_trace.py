@@ -1,0 +1,104 @@
+"""Trace: values equal an independent forward hook; a run id holding anything else is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.core import tables
+from pipeline.core.errors import UserError
+from pipeline.core.storage import Storage, marker_path, read_json
+from pipeline.stages.extract import ExtractConfig
+from pipeline.stages.extract import run as extract
+from pipeline.stages.trace import TraceConfig, show
+from pipeline.stages.trace import run as trace
+
+TEXT = "the value of a list returns"
+
+
+def last_position_acts(model_dir: Path, text: str) -> np.ndarray:
+    """Input of every transformer.h.L.mlp.c_proj at the last token, layer-major, hooked here."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = AutoTokenizer.from_pretrained(model_dir)(text, return_tensors="pt")["input_ids"]
+    seen: dict[int, np.ndarray] = {}
+    hooks = [model.get_submodule(f"transformer.h.{l}.mlp.c_proj").register_forward_pre_hook(
+        lambda m, a, l=l: seen.__setitem__(l, a[0][0, -1].numpy().copy()))
+        for l in range(len(model.transformer.h))]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return np.concatenate([seen[l] for l in sorted(seen)])
+
+
+def files_of(root: Path) -> dict:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _config(model_dir, **kw) -> TraceConfig:
+    return TraceConfig(**{**dict(model=str(model_dir), text=TEXT, run="t", device="cpu"), **kw})
+
+
+def test_trace_values_equal_an_independent_hook(tmp_path, micro_model_dir):
+    storage = Storage(tmp_path)
+    result = trace(_config(micro_model_dir, active_threshold=0.02), storage)
+    expect = last_position_acts(micro_model_dir, TEXT)
+    np.testing.assert_allclose(result.values, expect, rtol=1e-6, atol=1e-7)
+    assert np.array_equal(result.active, expect > 0.02)
+    assert np.array_equal(result.layer, np.repeat([0, 1, 2], 40))
+    table = tables.read_partition(storage, "trace", "t")
+    np.testing.assert_allclose(table["value"].to_numpy(), expect, rtol=1e-6, atol=1e-7)
+    assert table["neuron_id"].to_pylist() == list(range(120))
+    run_dir = storage.run_dir("t")
+    ids = [int(x) for x in (run_dir / "active_neurons.txt").read_text().split()]
+    assert ids == np.flatnonzero(expect > 0.02).tolist()
+    assert np.array_equal(np.load(run_dir / "activation_vector.npy"), (expect > 0.02).astype(np.uint8))
+    manifest = read_json(storage.run_manifest("t"))
+    assert manifest["kind"] == "trace" and manifest["num_active"] == len(ids)
+    assert read_json(marker_path(storage, "t", "trace"))["config_hash"] == manifest["config_hash"]
+
+
+def test_rerun_is_skipped_with_the_stored_values(tmp_path, micro_model_dir):
+    storage = Storage(tmp_path)
+    first = trace(_config(micro_model_dir), storage)
+    before = files_of(tmp_path)
+    again = trace(_config(micro_model_dir), storage)
+    assert again.skipped and "nothing to do" in show(again)
+    assert np.array_equal(again.values, first.values) and np.array_equal(again.active, first.active)
+    assert files_of(tmp_path) == before
+
+
+def test_trace_on_an_extraction_run_id_is_refused(tmp_path, micro_model_dir, corpus_file):
+    storage = Storage(tmp_path)
+    extract(ExtractConfig(model=str(micro_model_dir), corpus=str(corpus_file), num_samples=2,
+                          max_length=8, run="t", quiet=True), storage)
+    before = files_of(tmp_path)
+    for overwrite in (False, True):  # an extraction is never replaced by a trace
+        with pytest.raises(UserError, match="not a trace"):
+            trace(_config(micro_model_dir, overwrite=overwrite), storage)
+    assert files_of(tmp_path) == before
+    assert read_json(storage.run_manifest("t"))["status"] == "finished"
+
+
+def test_trace_of_another_text_needs_overwrite(tmp_path, micro_model_dir):
+    storage = Storage(tmp_path)
+    trace(_config(micro_model_dir), storage)
+    before = files_of(tmp_path)
+    with pytest.raises(UserError, match="another configuration.*--overwrite"):
+        trace(_config(micro_model_dir, text="raise error"), storage)
+    assert files_of(tmp_path) == before
+    result = trace(_config(micro_model_dir, text="raise error", overwrite=True), storage)
+    np.testing.assert_allclose(result.values, last_position_acts(micro_model_dir, "raise error"),
+                               rtol=1e-6, atol=1e-7)
+    assert read_json(storage.run_manifest("t"))["config"]["text"] == "raise error"
+
+
+def test_empty_text_is_refused():
+    with pytest.raises(UserError, match="--text is empty"):
+        TraceConfig(model="m", text="")
