@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from reference import mlp_inputs
 
 from pipeline.core import arrays, coact, tables
 from pipeline.core.storage import Storage
@@ -67,19 +67,8 @@ def cpu_acts(runs, micro_model_dir) -> dict[int, np.ndarray]:
 
 
 def independent_acts(model_dir: Path, windows: torch.Tensor, batch_size: int) -> dict[int, np.ndarray]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    out: dict[int, list] = {i: [] for i in range(len(model.transformer.h))}
-    hooks = [block.mlp.c_proj.register_forward_pre_hook(
-        lambda m, a, i=i: out[i].append(a[0].reshape(-1, a[0].shape[-1])))
-        for i, block in enumerate(model.transformer.h)]
-    try:
-        with torch.no_grad():
-            for s in range(0, len(windows), batch_size):
-                model.transformer(input_ids=windows[s:s + batch_size])
-    finally:
-        for h in hooks:
-            h.remove()
-    return {i: torch.cat(v).numpy() for i, v in out.items()}
+    """fp32 input of every mlp.c_proj, hooked directly (not through the pipeline's hooks)."""
+    return mlp_inputs(model_dir, windows, batch_size=batch_size)
 
 
 def _masks(storage, run):

@@ -1,8 +1,9 @@
 """The built-in corpus: docstrings and comment blocks of the installed Python standard library.
 
 Deterministic for a given interpreter: files are visited in sorted order, and a file belongs to
-the held-out split iff crc32 of its relative path falls in the held-out bucket (about 5%), so
-held-out text is never seen in training.
+the held-out split iff crc32 of its relative path falls in the held-out bucket (about 5%); a
+held-out document whose text also stands in a training file is dropped, so held-out text is
+never seen in training.
 """
 
 from __future__ import annotations
@@ -83,5 +84,10 @@ def split_documents(split: str) -> tuple[str, ...]:
     """The documents of one split ("train" or "heldout")."""
     if split not in SPLITS:
         raise UserError(f"stdlib split {split!r} is unknown: use train or heldout")
-    want = split == "heldout"
-    return tuple(doc for rel, doc in collect_documents() if is_heldout(rel) == want)
+    docs = collect_documents()
+    if split == "train":
+        return tuple(doc for rel, doc in docs if not is_heldout(rel))
+    # a text that also stands in a training file (license blocks, docstrings copied between
+    # modules) is not held out: held-out text is never seen in training
+    train = {doc for rel, doc in docs if not is_heldout(rel)}
+    return tuple(doc for rel, doc in docs if is_heldout(rel) and doc not in train)

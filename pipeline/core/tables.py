@@ -117,6 +117,14 @@ def write_frame(frame, out: str | Path) -> Path:
                         f"{', '.join(FRAME_FORMATS)}")
     if out.is_dir():
         raise UserError(f"--out {str(out)!r} is a folder: give a file name")
+    if suffix == ".csv":  # CSV has no lists: a list cell is written as its items, space-separated
+        import polars as pl
+
+        lists = [n for n, t in frame.schema.items() if isinstance(t, (pl.List, pl.Array))]
+        if lists:
+            frame = frame.with_columns(pl.col(n).cast(pl.List(pl.Utf8)).list.join(" ")
+                                       for n in lists)
+            writers[suffix] = frame.write_csv
     with atomic_path(out) as tmp:
         writers[suffix](tmp)
     return out

@@ -42,13 +42,7 @@ from pipeline.core.config import (
 )
 from pipeline.core.errors import UserError
 from pipeline.core.inputs import corpus_windows, input_fingerprint, read_prompts
-from pipeline.core.storage import (
-    Storage,
-    atomic_path,
-    finished_marker,
-    marker_path,
-    write_marker,
-)
+from pipeline.core.storage import Storage, atomic_path, finished_marker, marker_path, write_marker
 
 log = logging.getLogger(__name__)
 

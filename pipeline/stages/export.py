@@ -22,9 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core import arrays, tables
-from pipeline.core.config import Stage, opt
+from pipeline.core.config import Stage, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
-from pipeline.core.storage import Storage, atomic_path, validate_run_id
+from pipeline.core.storage import (
+    Storage,
+    atomic_path,
+    finished_marker,
+    validate_run_id,
+    write_marker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,8 @@ class ExportConfig:
     out_dir: str = opt(help="folder for the files (created if missing)")
     prefix: str | None = opt(None, help="file name prefix (default: the run's model name)")
     edges: bool = opt(True, help="write the full edge list (large for big models)")
+    overwrite: bool = opt(False, help="write the files again even if this export is finished",
+                          hash=False)
 
     def __post_init__(self) -> None:
         validate_run_id(self.run)
@@ -62,6 +70,7 @@ class ExportConfig:
 @dataclass
 class ExportResult:
     paths: list[Path]
+    skipped: bool = False   # finished before with this configuration
 
 
 def run(config: ExportConfig, storage: Storage) -> ExportResult:
@@ -69,6 +78,12 @@ def run(config: ExportConfig, storage: Storage) -> ExportResult:
     manifest = storage.finished_run(config.run)
     prefix = config.prefix or Path(manifest["model"]["name"]).name
     out_dir = Path(config.out_dir)
+    # the marker lies beside the files; the hash sees the extraction it was made from
+    marker = out_dir / f".{prefix}_export.json"
+    digest = config_hash(config, extraction=manifest.get("config_hash"), rows=manifest["rows"])
+    done = None if config.overwrite else finished_marker(marker, digest)
+    if done is not None and all(Path(p).exists() for p in done["paths"]):
+        return ExportResult([Path(p) for p in done["paths"]], skipped=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     neurons = tables.read_partition(storage, "neurons", config.run)
     frequency_table = _neuron_frequency(storage, config.run)
@@ -89,6 +104,7 @@ def run(config: ExportConfig, storage: Storage) -> ExportResult:
     paths.append(frequency)
     paths.append(write_matrix(out_dir / f"{prefix}_activation_matrix.npz", matrix,
                               ids[ever]))
+    write_marker(marker, to_dict(config), digest, paths=[str(p) for p in paths])
     return ExportResult(paths)
 
 
@@ -190,7 +206,9 @@ def write_edge_list(path: Path, neurons) -> Path:
 
 
 def show(result: ExportResult) -> str:
-    return "\n".join(str(p) for p in result.paths)
+    head = ["export is finished with this configuration: nothing to do (--overwrite writes it "
+            "again)"] if result.skipped else []
+    return "\n".join(head + [str(p) for p in result.paths])
 
 
 STAGES = [Stage(

@@ -34,13 +34,7 @@ import polars as pl
 from pipeline.core import coact, tables
 from pipeline.core.coact import WEIGHTS, check_threshold
 from pipeline.core.config import Progress, Stage, config_hash, opt, to_dict
-from pipeline.core.storage import (
-    Storage,
-    atomic_path,
-    finished_marker,
-    marker_path,
-    write_marker,
-)
+from pipeline.core.storage import Storage, atomic_path, finished_marker, marker_path, write_marker
 from pipeline.kernels.graphs import ThresholdAnalysis
 
 log = logging.getLogger(__name__)

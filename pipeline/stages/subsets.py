@@ -24,13 +24,7 @@ from pipeline.core import coact, tables
 from pipeline.core.coact import WEIGHTS, check_threshold
 from pipeline.core.config import Progress, Stage, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
-from pipeline.core.storage import (
-    Storage,
-    atomic_path,
-    finished_marker,
-    marker_path,
-    write_marker,
-)
+from pipeline.core.storage import Storage, atomic_path, finished_marker, marker_path, write_marker
 from pipeline.kernels.graphs import METHODS, build_graph, centrality, top_k
 
 log = logging.getLogger(__name__)

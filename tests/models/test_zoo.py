@@ -104,8 +104,14 @@ def test_stdlib_split_follows_the_crc32_buckets_of_file_paths():
     assert len(docs) > 1000 and paths == sorted(paths)  # files in sorted order
     assert all((root / rel).is_file() for rel in set(paths))
     bucket = {rel: zlib.crc32(rel.encode()) % 100 for rel in set(paths)}
-    assert split_documents("heldout") == tuple(d for rel, d in docs if bucket[rel] < 5)
-    assert split_documents("train") == tuple(d for rel, d in docs if bucket[rel] >= 5)
+    train = tuple(d for rel, d in docs if bucket[rel] >= 5)
+    assert split_documents("train") == train
+    seen = set(train)
+    heldout = split_documents("heldout")
+    assert heldout == tuple(d for rel, d in docs if bucket[rel] < 5 and d not in seen)
+    assert not seen.intersection(heldout)  # no held-out text is seen in training
+    dropped = [d for rel, d in docs if bucket[rel] < 5 and d in seen]
+    assert 0 < len(dropped) < len(heldout) / 10  # copies exist (license blocks), and are few
     held = {rel for rel in bucket if bucket[rel] < 5}
     assert 0.01 < len(held) / len(bucket) < 0.12
     with pytest.raises(UserError):

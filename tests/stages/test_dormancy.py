@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
+from reference import mlp_inputs
 
 from pipeline import flows
 from pipeline.core import tables
@@ -35,21 +34,8 @@ BATCH = 4
 
 def hooked_acts(model_dir: Path, windows: np.ndarray) -> dict[int, np.ndarray]:
     """fp32 input of transformer.h.L.mlp.c_proj for every token, hooked on a fresh HF model."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    out: dict[int, list] = {}
-    hooks = []
-    for l in range(len(model.transformer.h)):
-        module = model.get_submodule(f"transformer.h.{l}.mlp.c_proj")
-        hooks.append(module.register_forward_pre_hook(
-            lambda m, a, l=l: out.setdefault(l, []).append(a[0].reshape(-1, a[0].shape[-1]))))
-    try:
-        with torch.no_grad():
-            for s in range(0, len(windows), BATCH):
-                model.transformer(input_ids=torch.from_numpy(windows[s:s + BATCH]))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {l: torch.cat(v).numpy().astype(np.float64) for l, v in out.items()}
+    return {l: a.astype(np.float64) for l, a in
+            mlp_inputs(model_dir, windows, batch_size=BATCH).items()}
 
 
 @pytest.fixture(scope="module")

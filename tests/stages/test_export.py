@@ -46,7 +46,21 @@ def read_csv(path: Path) -> list[dict]:
 def test_files(exported):
     _, out, paths, _ = exported
     assert [p.name for p in paths] == [f"gpt2_{n}" for n in FILES]
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"gpt2_{n}" for n in FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"gpt2_{n}" for n in FILES]
+                                                           + [".gpt2_export.json"])
+
+
+def test_rerun_is_skipped_until_the_files_or_the_run_change(exported, tmp_path):
+    storage, out, paths, _ = exported
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    again = run(ExportConfig(run="e", out_dir=str(out), prefix="gpt2"), storage)
+    assert again.skipped and again.paths == paths
+    assert [p.stat().st_mtime_ns for p in paths] == stamps
+    other = tmp_path / "other"  # another folder is another export
+    assert not run(ExportConfig(run="e", out_dir=str(other), prefix="gpt2"), storage).skipped
+    (other / "gpt2_neuron_frequency.csv").unlink()  # a file removed by hand is written again
+    redo = run(ExportConfig(run="e", out_dir=str(other), prefix="gpt2"), storage)
+    assert not redo.skipped and (other / "gpt2_neuron_frequency.csv").exists()
 
 
 def test_dataset_rows_equal_masks_and_tokenizer(exported, micro_model_dir):
@@ -145,7 +159,7 @@ def test_cli_default_prefix_no_edges(exported, micro_model_dir, tmp_path, capsys
     assert main(["export", "--storage", str(storage.root), "--run", "e", "--out-dir", str(out),
                  "--no-edges"]) == 0
     printed = capsys.readouterr().out.split()
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != f".{micro_model_dir.name}_export.json")
     assert names == sorted(f"{micro_model_dir.name}_{n}" for n in FILES if n != "neuron_edges.el")
     assert sorted(Path(p).name for p in printed) == names  # nothing temporary left either
 

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from reference import mlp_inputs
 from transformers import AutoModelForCausalLM
 
 import pipeline.stages.extract as ex
@@ -28,21 +29,7 @@ THRESHOLD = 0.05
 
 def independent_acts(model_dir: Path, windows: np.ndarray, batch_size: int) -> dict[int, np.ndarray]:
     """fp32 input of every mlp.c_proj, hooked directly (not through the pipeline's hooks)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    out: dict[int, list] = {i: [] for i in range(len(model.transformer.h))}
-    handles = [
-        block.mlp.c_proj.register_forward_pre_hook(
-            lambda mod, args, i=i: out[i].append(args[0].detach().reshape(-1, args[0].shape[-1])))
-        for i, block in enumerate(model.transformer.h)
-    ]
-    try:
-        with torch.no_grad():
-            for s in range(0, len(windows), batch_size):
-                model.transformer(input_ids=torch.from_numpy(windows[s:s + batch_size]).long())
-    finally:
-        for h in handles:
-            h.remove()
-    return {i: torch.cat(v).numpy() for i, v in out.items()}
+    return mlp_inputs(model_dir, windows, batch_size=batch_size)
 
 
 def token_windows(storage: Storage, run: str) -> np.ndarray:

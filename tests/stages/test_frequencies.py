@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from reference import mlp_inputs
 
 from pipeline import cli
 from pipeline.core import arrays, tables
@@ -37,21 +38,7 @@ def _extract(storage: Storage, model, corpus, run: str, *extra: str) -> None:
 
 def _hooked_activations(model_dir, input_ids: torch.Tensor) -> dict[int, np.ndarray]:
     """Inputs of each block's mlp.c_proj (the neurons), by a forward pre-hook of our own."""
-    from transformers import GPT2LMHeadModel
-
-    model = GPT2LMHeadModel.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    seen: dict[int, list[torch.Tensor]] = {l: [] for l in range(LAYERS)}
-    handles = [block.mlp.c_proj.register_forward_pre_hook(
-        lambda _m, args, l=l: seen[l].append(args[0].detach().reshape(-1, WIDTH)))
-        for l, block in enumerate(model.transformer.h)]
-    try:
-        with torch.no_grad():
-            for batch in input_ids.split(8):
-                model(input_ids=batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return {l: torch.cat(v).numpy().astype(np.float64) for l, v in seen.items()}
+    return {l: a.astype(np.float64) for l, a in mlp_inputs(model_dir, input_ids).items()}
 
 
 @pytest.fixture(scope="module")

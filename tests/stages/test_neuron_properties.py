@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference import mlp_inputs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.cli import main
@@ -42,19 +43,10 @@ def extracted(tmp_path_factory, micro_model_dir, corpus_file):
 def hooked_activations(model, model_dir, corpus_file) -> np.ndarray:
     """[tokens, 3 x 40]: the input of every c_proj on the run's windows, by a hook written here."""
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = torch.tensor(list(iter_windows(iter_documents(str(corpus_file)), tok, max_length=LENGTH,
-                                         num_samples=SAMPLES)))
-    seen = {}
-    handles = [b.mlp.c_proj.register_forward_pre_hook(
-        lambda m, a, l=l: seen.__setitem__(l, a[0].detach().reshape(-1, WIDTH)))
-        for l, b in enumerate(model.transformer.h)]
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return torch.cat([seen[l] for l in range(3)], 1).double().numpy()
+    ids = np.array(list(iter_windows(iter_documents(str(corpus_file)), tok, max_length=LENGTH,
+                                     num_samples=SAMPLES)))
+    acts = mlp_inputs(model_dir, ids, batch_size=len(ids))
+    return np.concatenate([acts[l] for l in range(3)], 1).astype(np.float64)
 
 
 def test_weight_and_vocabulary_statistics_equal_numpy(extracted, micro_model_dir):

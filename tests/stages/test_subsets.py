@@ -17,14 +17,7 @@ from pipeline.core.warehouse import connect
 from pipeline.kernels.graphs import METHODS
 from pipeline.stages.coactivation import CoactivationConfig
 from pipeline.stages.coactivation import run as count
-from pipeline.stages.subsets import (
-    SubsetConfig,
-    SubsetGridConfig,
-    run,
-    run_grid,
-    show,
-    subset_size,
-)
+from pipeline.stages.subsets import SubsetConfig, SubsetGridConfig, run, run_grid, show, subset_size
 
 spec = importlib.util.spec_from_file_location("test_graph_helpers",
                                               Path(__file__).resolve().with_name("test_graph.py"))

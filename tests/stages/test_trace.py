@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from reference import mlp_inputs
+from transformers import AutoTokenizer
 
 from pipeline.core import tables
 from pipeline.core.errors import UserError
@@ -22,19 +22,9 @@ TEXT = "the value of a list returns"
 
 def last_position_acts(model_dir: Path, text: str) -> np.ndarray:
     """Input of every transformer.h.L.mlp.c_proj at the last token, layer-major, hooked here."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = AutoTokenizer.from_pretrained(model_dir)(text, return_tensors="pt")["input_ids"]
-    seen: dict[int, np.ndarray] = {}
-    hooks = [model.get_submodule(f"transformer.h.{l}.mlp.c_proj").register_forward_pre_hook(
-        lambda m, a, l=l: seen.__setitem__(l, a[0][0, -1].numpy().copy()))
-        for l in range(len(model.transformer.h))]
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return np.concatenate([seen[l] for l in sorted(seen)])
+    ids = AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]
+    acts = mlp_inputs(model_dir, ids)
+    return np.concatenate([acts[l][-1] for l in sorted(acts)])
 
 
 def files_of(root: Path) -> dict:

@@ -8,6 +8,7 @@ import torch
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import mlp_inputs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.core import arrays, tables
@@ -79,21 +80,11 @@ def universal_config(root, corpus, **kw) -> UniversalConfig:
 
 def dense_activations(model_dir, corpus) -> np.ndarray:
     """[tokens, 3 x 40] neuron vectors (the input of each c_proj), by a hook written here."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ids = torch.tensor(list(iter_windows(iter_documents(str(corpus)), tok, max_length=LENGTH,
-                                         num_samples=SAMPLES)))
-    seen = {}
-    handles = [block.mlp.c_proj.register_forward_pre_hook(
-        lambda m, a, l=l: seen.__setitem__(l, a[0].detach().reshape(-1, WIDTH)))
-        for l, block in enumerate(model.transformer.h)]
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return torch.cat([seen[l] for l in range(LAYERS)], 1).double().numpy()
+    ids = np.array(list(iter_windows(iter_documents(str(corpus)), tok, max_length=LENGTH,
+                                     num_samples=SAMPLES)))
+    acts = mlp_inputs(model_dir, ids, batch_size=len(ids))
+    return np.concatenate([acts[l] for l in range(LAYERS)], 1).astype(np.float64)
 
 
 @pytest.fixture(scope="module")
