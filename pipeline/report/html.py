@@ -15,9 +15,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.core.config import Stage, opt
+from pipeline.core.config import Stage, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
-from pipeline.core.storage import Storage, atomic_path, validate_run_id
+from pipeline.core.storage import (
+    Storage,
+    atomic_path,
+    finished_marker,
+    validate_run_id,
+    write_marker,
+)
 
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
@@ -83,6 +89,7 @@ class ReportResult:
     page: Path
     figures: int
     tables: dict[str, int]  # rows of each linked table
+    skipped: bool = False   # the page already shows these figures and tables
 
 
 def run(config: ReportConfig, storage: Storage) -> ReportResult:
@@ -103,12 +110,23 @@ def run(config: ReportConfig, storage: Storage) -> ReportResult:
             sections.append(_section(folder, pngs, out))
     links = []
     for table, frame in frames.items():
-        write_frame(frame, out / "tables" / f"{table}.csv")
         links.append(f'<li><a href="tables/{html.escape(table)}.csv">{html.escape(table)}</a> '
                      f"({frame.height} rows)</li>")
+    page = _page(config.name, links, sections)
+    result = ReportResult(out / "index.html", count, {t: f.height for t, f in frames.items()})
+    # the marker sees what the page shows: the page itself and every table's rows
+    digest = config_hash(config, page=page, tables={t: f.hash_rows().sum() for t, f in
+                                                    frames.items()})
+    marker = out / ".report.json"
+    if finished_marker(marker, digest) is not None and result.page.exists():
+        result.skipped = True
+        return result
+    for table, frame in frames.items():
+        write_frame(frame, out / "tables" / f"{table}.csv")
     with atomic_path(out / "index.html") as tmp:
-        tmp.write_text(_page(config.name, links, sections))
-    return ReportResult(out / "index.html", count, {t: f.height for t, f in frames.items()})
+        tmp.write_text(page)
+    write_marker(marker, to_dict(config), digest, figures=count)
+    return result
 
 
 def _query(storage: Storage, table: str, sql: str):
@@ -144,8 +162,9 @@ img {{ width: 100%; }} figcaption {{ font-size: .9em; margin-top: .3em; }}
 
 
 def show(result: ReportResult) -> str:
+    same = " (unchanged: nothing to do)" if result.skipped else ""
     return (f"report: {result.page} ({result.figures} figures, "
-            f"{len(result.tables)} tables)")
+            f"{len(result.tables)} tables){same}")
 
 
 STAGES = [Stage(

@@ -22,9 +22,16 @@ import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from pipeline.core import arrays, tables  # noqa: E402
-from pipeline.core.config import Stage, at_least, opt  # noqa: E402
+from pipeline.core.config import Stage, at_least, config_hash, opt, to_dict  # noqa: E402
 from pipeline.core.errors import UserError  # noqa: E402
-from pipeline.core.storage import Storage, atomic_path, validate_run_id  # noqa: E402
+from pipeline.core.inputs import input_fingerprint  # noqa: E402
+from pipeline.core.storage import (  # noqa: E402
+    Storage,
+    atomic_path,
+    finished_marker,
+    validate_run_id,
+    write_marker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -283,9 +290,19 @@ class PlotsConfig:
 @dataclass
 class PlotsResult:
     paths: list[Path]
+    skipped: bool = False   # drawn before from the same inputs with this configuration
 
 
 def run(config: PlotsConfig, storage: Storage) -> PlotsResult:
+    out_dir = storage.reports(config.name or config.run or Path(config.dormancy_log).stem)
+    # the marker sees the inputs: the extraction drawn from and the log's content
+    digest = config_hash(
+        config, log=input_fingerprint(config.dormancy_log),
+        extraction=storage.finished_run(config.run).get("config_hash") if config.run else None)
+    marker = out_dir / f".plots-{digest}.json"
+    done = finished_marker(marker, digest)
+    if done is not None and all(Path(p).exists() for p in done["paths"]):
+        return PlotsResult([Path(p) for p in done["paths"]], skipped=True)
     paths = []
     if config.run:
         paths += run_figures(storage, config.run, rows=config.rows, mode=config.vis_mode,
@@ -294,11 +311,13 @@ def run(config: PlotsConfig, storage: Storage) -> PlotsResult:
         out_dir = storage.reports(config.name or Path(config.dormancy_log).stem)
         paths += dormancy_figures(read_dormancy_log(config.dormancy_log), out_dir,
                                   config.save_prefix)
+    write_marker(marker, to_dict(config), digest, paths=[str(p) for p in paths])
     return PlotsResult(paths)
 
 
 def show(result: PlotsResult) -> str:
-    return "\n".join(f"figure: {p}" for p in result.paths)
+    head = ["figures are drawn from these inputs already: nothing to do"] if result.skipped else []
+    return "\n".join(head + [f"figure: {p}" for p in result.paths])
 
 
 STAGES = [Stage(

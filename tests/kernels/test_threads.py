@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numba
 import pytest
@@ -32,25 +34,25 @@ def test_others_load_subtracts_this_process(monkeypatch):
     assert threads.others_load({0, 1}) == pytest.approx(1.0)
 
 
-def _spin(cpu: int) -> None:
-    os.sched_setaffinity(0, {cpu})
-    while True:
-        pass
+SPIN = "import os, sys; os.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True: pass"
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads /proc/stat")
 def test_others_load_sees_a_busy_loop_on_a_core():
     cpus = threads.affinity_cores()
-    spinner = multiprocessing.get_context("spawn").Process(target=_spin, args=(max(cpus),),
-                                                           daemon=True)
-    spinner.start()
+    # a plain interpreter (nothing to import), pinned to one core, spinning
+    spinner = subprocess.Popen([sys.executable, "-c", SPIN, str(max(cpus))])
     try:
-        time.sleep(0.5)
+        stat = Path(f"/proc/{spinner.pid}/stat")
+        deadline = time.monotonic() + 10
+        while int(stat.read_text().rsplit(")", 1)[1].split()[11]) < 20:  # utime: it spins
+            assert spinner.poll() is None and time.monotonic() < deadline, "spinner did not run"
+            time.sleep(0.05)
         # other processes can only add to it: a lower bound holds on a shared machine
         assert threads.others_load(cpus, seconds=0.5) >= 0.6
     finally:
-        spinner.terminate()
-        spinner.join()
+        spinner.kill()
+        spinner.wait()
 
 
 def test_a_users_numba_threads_are_kept(monkeypatch):

@@ -108,6 +108,19 @@ def test_rerun_replaces_the_page(storage):
     second = run(ReportConfig(name="rep", folders=["a"]), storage)
     assert (first.figures, second.figures) == (2, 3) and first.page == second.page
     assert "more.png" in second.page.read_text()
+    assert not first.skipped and not second.skipped
+
+
+def test_unchanged_page_is_not_rewritten(storage):
+    config = ReportConfig(name="rep", folders=["a"], tables=["nums=select 1 as x"])
+    first = run(config, storage)
+    stamp = first.page.stat().st_mtime_ns
+    again = run(config, storage)
+    assert again.skipped and again.page.stat().st_mtime_ns == stamp
+    changed = run(ReportConfig(name="rep", folders=["a"], tables=["nums=select 2 as x"]), storage)
+    assert not changed.skipped  # the same query names with other rows are another page
+    with open(changed.page.parent / "tables" / "nums.csv", newline="") as f:
+        assert list(csv.reader(f)) == [["x"], ["2"]]
 
 
 @pytest.mark.parametrize("argv", [

@@ -251,10 +251,19 @@ def test_run_rows_out_of_range(runs):
 def test_cli(runs, capsys, tmp_path):
     assert main(["plots", "--storage", str(runs.root), "--run", "masks", "--rows", "1", "2",
                  "--name", "cli"]) == 0
-    assert capsys.readouterr().out.split() == [
-        "figure:", str(runs.reports("cli") / "sample_1_default.png"),
-        "figure:", str(runs.reports("cli") / "sample_2_default.png"),
-        "figure:", str(runs.reports("cli") / "node_activation_counts.png")]
+    figures = [runs.reports("cli") / "sample_1_default.png",
+               runs.reports("cli") / "sample_2_default.png",
+               runs.reports("cli") / "node_activation_counts.png"]
+    assert capsys.readouterr().out.split() == [x for f in figures for x in ("figure:", str(f))]
+    stamps = [f.stat().st_mtime_ns for f in figures]
+    assert main(["plots", "--storage", str(runs.root), "--run", "masks", "--rows", "1", "2",
+                 "--name", "cli"]) == 0  # the same inputs: nothing redrawn
+    assert "nothing to do" in capsys.readouterr().out
+    assert [f.stat().st_mtime_ns for f in figures] == stamps
+    figures[0].unlink()  # a figure removed by hand is drawn again
+    assert main(["plots", "--storage", str(runs.root), "--run", "masks", "--rows", "1", "2",
+                 "--name", "cli"]) == 0
+    assert "nothing to do" not in capsys.readouterr().out and figures[0].exists()
     for argv in (["--rows", "1"], ["--dormancy-log", str(tmp_path / "missing.csv")],
                  ["--run", "masks", "--figure-rows", "0"], ["--run", "masks", "--rows", "-1"]):
         assert main(["plots", "--storage", str(runs.root), *argv]) == 2
