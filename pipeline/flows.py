@@ -27,7 +27,7 @@ from pipeline.core.config import (
     to_dict,
 )
 from pipeline.core.errors import UserError
-from pipeline.core.storage import Storage, marker_path, slug, write_marker
+from pipeline.core.storage import Storage, slug, write_marker
 from pipeline.stages import dormancy, extract
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def run_sweep(config: SweepConfig, storage: Storage) -> SweepResult:
         log.info("%s %s: %.2f%% dormant on average", config.model, revision,
                  result.rows["pct_dormant"].mean())
     # written last: the finished sweep (a rerun skips the extractions and logs dormancy anew)
-    write_marker(marker_path(storage, slug("dormancy-sweep", Path(config.model).name),
+    write_marker(storage.marker(slug("dormancy-sweep", Path(config.model).name),
                              "dormancy-sweep"), to_dict(config),
                  config_hash(config, revisions=revisions), runs=runs, log_file=str(log_file))
     return SweepResult(pl.concat(frames), log_file, runs)

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -83,6 +84,10 @@ class Storage:
 
     def reports(self, name: str) -> Path:
         return self.root / "reports" / validate_run_id(name)
+
+    def marker(self, owner: str, stage: str, key: str = "") -> Marker:
+        """The completion marker of a stage's output owned by a run (or result name)."""
+        return Marker(marker_path(self, owner, stage, key))
 
     def catalog(self) -> Path:
         return self.root / "warehouse.duckdb"
@@ -207,3 +212,22 @@ def write_marker(path: Path, config: dict, config_hash: str, **summary: Any) -> 
     write_json(path, {"config": config, "config_hash": config_hash,
                       "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       **summary})
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A completion marker file: `done(hash)` reads it, `write(...)` writes it (last)."""
+
+    path: Path
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def done(self, config_hash: str) -> dict | None:
+        return finished_marker(self.path, config_hash)
+
+    def write(self, config: dict, config_hash: str, **summary: Any) -> None:
+        write_marker(self.path, config, config_hash, **summary)

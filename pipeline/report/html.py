@@ -17,13 +17,7 @@ from pathlib import Path
 
 from pipeline.core.config import Stage, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
-from pipeline.core.storage import (
-    Storage,
-    atomic_path,
-    finished_marker,
-    validate_run_id,
-    write_marker,
-)
+from pipeline.core.storage import Marker, Storage, atomic_path, validate_run_id
 
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
@@ -117,15 +111,15 @@ def run(config: ReportConfig, storage: Storage) -> ReportResult:
     # the marker sees what the page shows: the page itself and every table's rows
     digest = config_hash(config, page=page, tables={t: f.hash_rows().sum() for t, f in
                                                     frames.items()})
-    marker = out / ".report.json"
-    if finished_marker(marker, digest) is not None and result.page.exists():
+    marker = Marker(out / ".report.json")
+    if marker.done(digest) is not None and result.page.exists():
         result.skipped = True
         return result
     for table, frame in frames.items():
         write_frame(frame, out / "tables" / f"{table}.csv")
     with atomic_path(out / "index.html") as tmp:
         tmp.write_text(page)
-    write_marker(marker, to_dict(config), digest, figures=count)
+    marker.write(to_dict(config), digest, figures=count)
     return result
 
 

@@ -25,12 +25,11 @@ from pipeline.core import arrays, tables  # noqa: E402
 from pipeline.core.config import Stage, at_least, config_hash, opt, to_dict  # noqa: E402
 from pipeline.core.errors import UserError  # noqa: E402
 from pipeline.core.inputs import input_fingerprint  # noqa: E402
-from pipeline.core.storage import (  # noqa: E402
+from pipeline.core.storage import (
+    Marker,  # noqa: E402
     Storage,
     atomic_path,
-    finished_marker,
     validate_run_id,
-    write_marker,
 )
 
 log = logging.getLogger(__name__)
@@ -299,8 +298,8 @@ def run(config: PlotsConfig, storage: Storage) -> PlotsResult:
     digest = config_hash(
         config, log=input_fingerprint(config.dormancy_log),
         extraction=storage.finished_run(config.run).get("config_hash") if config.run else None)
-    marker = out_dir / f".plots-{digest}.json"
-    done = finished_marker(marker, digest)
+    marker = Marker(out_dir / f".plots-{digest}.json")
+    done = marker.done(digest)
     if done is not None and all(Path(p).exists() for p in done["paths"]):
         return PlotsResult([Path(p) for p in done["paths"]], skipped=True)
     paths = []
@@ -311,7 +310,7 @@ def run(config: PlotsConfig, storage: Storage) -> PlotsResult:
         out_dir = storage.reports(config.name or Path(config.dormancy_log).stem)
         paths += dormancy_figures(read_dormancy_log(config.dormancy_log), out_dir,
                                   config.save_prefix)
-    write_marker(marker, to_dict(config), digest, paths=[str(p) for p in paths])
+    marker.write(to_dict(config), digest, paths=[str(p) for p in paths])
     return PlotsResult(paths)
 
 

@@ -42,7 +42,7 @@ from pipeline.core.config import (
 )
 from pipeline.core.errors import UserError
 from pipeline.core.inputs import corpus_windows, input_fingerprint, read_prompts
-from pipeline.core.storage import Storage, atomic_path, finished_marker, marker_path, write_marker
+from pipeline.core.storage import Storage, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,8 @@ def run(config: AblationConfig, storage: Storage) -> AblationResult:
     subsets = load_subsets(config, storage)
     prompts = config.prompts or manifest["config"].get("prompts")
     key = _result_hash(config, manifest, subsets, prompts)
-    marker = marker_path(storage, config.run, "ablate", config.mode)
-    if not config.overwrite and finished_marker(marker, key):
+    marker = storage.marker(config.run, "ablate", config.mode)
+    if not config.overwrite and marker.done(key):
         return stored_result(storage, config.run, config.mode)
     loaded = _load_run_model(config, manifest, storage)
     locations = {name: neuron_locations(ids, loaded.layer_offsets, loaded.widths)
@@ -169,7 +169,7 @@ def run(config: AblationConfig, storage: Storage) -> AblationResult:
     tables.write_part(storage, "ablation_effects", config.run, effects.select(
         tables.schema("ablation_effects").names).to_arrow(), part=config.mode)
     summary = summarize(effects)
-    write_marker(marker, to_dict(config), key, subsets=summary.height, rows=effects.height)
+    marker.write(to_dict(config), key, subsets=summary.height, rows=effects.height)
     return AblationResult(config.run, config.mode, effects, summary, generations, reused=False)
 
 

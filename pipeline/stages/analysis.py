@@ -24,13 +24,7 @@ import pyarrow as pa
 from pipeline.core import arrays, tables
 from pipeline.core.config import Stage, at_least, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
-from pipeline.core.storage import (
-    Storage,
-    finished_marker,
-    marker_path,
-    validate_run_id,
-    write_marker,
-)
+from pipeline.core.storage import Storage, validate_run_id
 
 log = logging.getLogger(__name__)
 
@@ -100,16 +94,16 @@ def run(config: AnalysisConfig, storage: Storage) -> AnalysisResult:
     """Compute every analysis table of a run and write them to the warehouse (or return the
     stored ones when this configuration is finished)."""
     manifest = storage.finished_run(config.run)
-    marker = marker_path(storage, config.run, "analyze")
+    marker = storage.marker(config.run, "analyze")
     # the extraction's identity too: a re-extracted run of the same name is analysed anew
     chash = config_hash(config, extraction=manifest.get("config_hash"), rows=manifest["rows"])
-    done = None if config.overwrite else finished_marker(marker, chash)
+    done = None if config.overwrite else marker.done(chash)
     if done is not None:
         stored = {t: pl.from_arrow(tables.read_partition(storage, t, config.run))
                   for t in done["tables"]}
         return AnalysisResult(config.run, stored, done["analysed_rows"], manifest["rows"],
                               reused=True)
-    marker.unlink(missing_ok=True)  # it must not vouch for tables about to be rewritten
+    marker.path.unlink(missing_ok=True)  # it must not vouch for tables about to be rewritten
     rows = sample_rows(manifest["rows"], config.max_rows, config.seed)
     frames = compute_tables(config, storage, manifest, rows)
     for table in TABLES:
@@ -117,7 +111,7 @@ def run(config: AnalysisConfig, storage: Storage) -> AnalysisResult:
             tables.write_part(storage, table, config.run, frames[table].to_arrow())
         else:  # e.g. consistent neurons of a run that was re-extracted from a corpus
             tables.drop_partition(storage, table, config.run)
-    write_marker(marker, to_dict(config), chash, tables=list(frames), analysed_rows=len(rows),
+    marker.write(to_dict(config), chash, tables=list(frames), analysed_rows=len(rows),
                  **{f"{t}_rows": f.height for t, f in frames.items()})
     return AnalysisResult(config.run, frames, len(rows), manifest["rows"])
 

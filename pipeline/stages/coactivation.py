@@ -39,7 +39,7 @@ import numpy as np
 from pipeline.core import arrays, coact, tables
 from pipeline.core.config import Progress, Stage, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
-from pipeline.core.storage import Storage, finished_marker, marker_path, write_marker
+from pipeline.core.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ def run(config: CoactivationConfig, storage: Storage) -> CoactivationResult:
     rows = int(manifest["rows"])
     digest = config_hash(config, pairs=pairs, rows=rows, extraction=manifest.get("config_hash"))
     # one marker per pair selection (a stable name, so Makefile targets can key on it)
-    marker = marker_path(storage, config.run, "coactivation",
+    marker = storage.marker(config.run, "coactivation",
                          "adjacent" if not config.pairs else config.pairs.replace(":", "-"))
     todo = [p for p in pairs if config.overwrite or not _is_complete(group, arrays.pair_name(*p), rows)]
     skipped = [p for p in pairs if p not in todo]
@@ -338,9 +338,9 @@ def run(config: CoactivationConfig, storage: Storage) -> CoactivationResult:
             _store_pair(group, a, b, counts, rows, engine, config.chunk_tokens, seconds)
             log.info("pair %d:%d of run %s: %d x %d counts over %d tokens in %.2f s (%s)",
                      a, b, config.run, counts.shape[0], counts.shape[1], rows, seconds, engine)
-    if todo or finished_marker(marker, digest) is None:
+    if todo or marker.done(digest) is None:
         _write_pairs_table(storage, config.run, group)
-        write_marker(marker, to_dict(config), digest, engine=engine,
+        marker.write(to_dict(config), digest, engine=engine,
                      pairs=[list(p) for p in pairs], counted=[list(p) for p in todo])
     attrs = [{"layer_a": a, "layer_b": b, **group[arrays.pair_name(a, b)].attrs} for a, b in pairs]
     return CoactivationResult(config.run, attrs, todo, skipped)

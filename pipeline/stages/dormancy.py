@@ -26,14 +26,7 @@ import polars as pl
 from pipeline.core import tables
 from pipeline.core.config import Stage, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
-from pipeline.core.storage import (
-    Storage,
-    atomic_path,
-    finished_marker,
-    marker_path,
-    slug,
-    write_marker,
-)
+from pipeline.core.storage import Storage, atomic_path, slug
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +136,9 @@ def run(config: DormancyConfig, storage: Storage) -> DormancyResult:
     manifest = storage.finished_run(config.run)
     model = manifest["model"]["name"]
     key = config_hash(config)
-    marker = marker_path(storage, config.run, "dormancy", config.part)
+    marker = storage.marker(config.run, "dormancy", config.part)
     part = storage.table_partition("dormancy", config.run) / f"{config.part}.parquet"
-    skipped = not config.overwrite and finished_marker(marker, key) is not None and part.exists()
+    skipped = not config.overwrite and marker.done(key) is not None and part.exists()
     if skipped:
         rows = pl.read_parquet(part).select(tables.schema("dormancy").names)
     else:
@@ -155,7 +148,7 @@ def run(config: DormancyConfig, storage: Storage) -> DormancyResult:
                 else default_log_file(storage, config.run, model))
     write_log(rows, log_file, mode=config.log_mode)
     if not skipped:
-        write_marker(marker, to_dict(config), key, layers=rows.height)
+        marker.write(to_dict(config), key, layers=rows.height)
     return DormancyResult(config.run, rows, log_file, skipped)
 
 

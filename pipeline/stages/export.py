@@ -24,13 +24,7 @@ import numpy as np
 from pipeline.core import arrays, tables
 from pipeline.core.config import Stage, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
-from pipeline.core.storage import (
-    Storage,
-    atomic_path,
-    finished_marker,
-    validate_run_id,
-    write_marker,
-)
+from pipeline.core.storage import Marker, Storage, atomic_path, validate_run_id
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +73,9 @@ def run(config: ExportConfig, storage: Storage) -> ExportResult:
     prefix = config.prefix or Path(manifest["model"]["name"]).name
     out_dir = Path(config.out_dir)
     # the marker lies beside the files; the hash sees the extraction it was made from
-    marker = out_dir / f".{prefix}_export.json"
+    marker = Marker(out_dir / f".{prefix}_export.json")
     digest = config_hash(config, extraction=manifest.get("config_hash"), rows=manifest["rows"])
-    done = None if config.overwrite else finished_marker(marker, digest)
+    done = None if config.overwrite else marker.done(digest)
     if done is not None and all(Path(p).exists() for p in done["paths"]):
         return ExportResult([Path(p) for p in done["paths"]], skipped=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +98,7 @@ def run(config: ExportConfig, storage: Storage) -> ExportResult:
     paths.append(frequency)
     paths.append(write_matrix(out_dir / f"{prefix}_activation_matrix.npz", matrix,
                               ids[ever]))
-    write_marker(marker, to_dict(config), digest, paths=[str(p) for p in paths])
+    marker.write(to_dict(config), digest, paths=[str(p) for p in paths])
     return ExportResult(paths)
 
 

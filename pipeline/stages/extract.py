@@ -46,16 +46,7 @@ from pipeline.core.config import (
 )
 from pipeline.core.errors import UserError
 from pipeline.core.layers import parse_layers
-from pipeline.core.storage import (
-    Storage,
-    finished_marker,
-    marker_path,
-    read_json,
-    slug,
-    validate_run_id,
-    write_json,
-    write_marker,
-)
+from pipeline.core.storage import Storage, read_json, slug, validate_run_id, write_json
 from pipeline.kernels.accumulators import NeuronMoments, load_states, save_states
 
 log = logging.getLogger(__name__)
@@ -555,11 +546,11 @@ def run(config: ExtractConfig, storage: Storage) -> ExtractResult:
         return ExtractResult(p.run_id, storage.run_dir(p.run_id), p.existing, plan=p)
     storage.ensure_writable()
     p = plan(config, storage)
-    marker = marker_path(storage, p.run_id, "extract")
+    marker = storage.marker(p.run_id, "extract")
     if p.status == "finished":
         log.info("run %s is already finished with this configuration: nothing to do", p.run_id)
-        if finished_marker(marker, p.config_hash) is None:  # finished before the marker was
-            write_marker(marker, to_dict(config), p.config_hash, rows=p.existing["rows"])
+        if marker.done(p.config_hash) is None:  # finished before the marker was
+            marker.write(to_dict(config), p.config_hash, rows=p.existing["rows"])
         return ExtractResult(p.run_id, storage.run_dir(p.run_id), p.existing, skipped=True)
     from pipeline.kernels.threads import thread_split
 
@@ -567,7 +558,7 @@ def run(config: ExtractConfig, storage: Storage) -> ExtractResult:
         manifest, moments = open_manifest(p, config, storage, threads)
         rows, samples = extract_units(p, config, storage, manifest, moments)
     finish(p, config, storage, manifest, moments, rows, samples)
-    write_marker(marker, to_dict(config), p.config_hash, rows=rows, samples=samples)
+    marker.write(to_dict(config), p.config_hash, rows=rows, samples=samples)
     log.info("run %s: %d rows in %.1f s (%.0f tok/s)", p.run_id, rows,
              manifest["timings"]["seconds"], manifest["timings"]["tokens_per_s"])
     return ExtractResult(p.run_id, storage.run_dir(p.run_id), manifest)

@@ -42,15 +42,7 @@ from pipeline.core.config import (
 )
 from pipeline.core.errors import UserError
 from pipeline.core.inputs import corpus_windows, input_fingerprint
-from pipeline.core.storage import (
-    Storage,
-    atomic_path,
-    finished_marker,
-    marker_path,
-    slug,
-    write_json,
-    write_marker,
-)
+from pipeline.core.storage import Storage, atomic_path, slug, write_json
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +151,8 @@ def run(config: GradientConfig, storage: Storage) -> GradientResult:
                       corpus_file=input_fingerprint(config.corpus),
                       sae_files=[input_fingerprint(Path(config.sae) / f) for f in
                                  ("cfg.json", "sae_weights.safetensors")] if config.sae else None)
-    marker = marker_path(storage, config.output_name, "gradients")
-    if not config.overwrite and finished_marker(marker, key):
+    marker = storage.marker(config.output_name, "gradients")
+    if not config.overwrite and marker.done(key):
         return stored_result(storage, config)
     t_start = time.perf_counter()
     loaded = load_model(config.model, config.revision, storage=storage, **config.model_kwargs())
@@ -179,7 +171,7 @@ def run(config: GradientConfig, storage: Storage) -> GradientResult:
     kind = "sae_feature" if sae else "neuron"
     frame = gradient_frame(results, kind, loaded.layer_offsets)
     _save(config, storage, loaded, sae, results, frame, positions, timings)
-    write_marker(marker, to_dict(config), key, positions=positions, timings=timings)
+    marker.write(to_dict(config), key, positions=positions, timings=timings)
     return GradientResult(config.output_name, kind, results, frame, config.modes, reused=False)
 
 

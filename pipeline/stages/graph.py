@@ -34,7 +34,7 @@ import polars as pl
 from pipeline.core import coact, tables
 from pipeline.core.coact import WEIGHTS, check_threshold
 from pipeline.core.config import Progress, Stage, config_hash, opt, to_dict
-from pipeline.core.storage import Storage, atomic_path, finished_marker, marker_path, write_marker
+from pipeline.core.storage import Marker, Storage, atomic_path
 from pipeline.kernels.graphs import ThresholdAnalysis
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def run(config: GraphConfig, storage: Storage) -> GraphResult:
     """Edges above the threshold and the threshold analysis, streamed pair by pair."""
     g = coact.load_run_graph(storage, config.run)
     part = coact.graph_part(config.weight, config.threshold)
-    marker = marker_path(storage, config.run, "graph", part)
+    marker = storage.marker(config.run, "graph", part)
     digest = config_hash(config, counts=g.fingerprint)
     stored = None if config.overwrite else _stored(config, storage, marker, digest)
     if stored is not None:
@@ -98,7 +98,7 @@ def run(config: GraphConfig, storage: Storage) -> GraphResult:
                       part=config.weight)
     at = levels.filter(pl.col("threshold") == config.threshold).row(0, named=True)
     seconds = time.perf_counter() - t0
-    write_marker(marker, to_dict(config), digest, nodes=g.n_nodes, edges=at["edges"],
+    marker.write(to_dict(config), digest, nodes=g.n_nodes, edges=at["edges"],
                  components=at["components"], seconds=round(seconds, 3))
     log.info("graph %s (%s > %g): %d nodes, %d edges in %.2f s", config.run, config.weight,
              config.threshold, g.n_nodes, at["edges"], seconds)
@@ -139,12 +139,12 @@ def _stream_edges(path: Path, g: coact.RunGraph, storage: Storage, config: Graph
     return kept
 
 
-def _stored(config: GraphConfig, storage: Storage, marker: Path, digest: str) -> GraphResult | None:
+def _stored(config: GraphConfig, storage: Storage, marker: Marker, digest: str) -> GraphResult | None:
     """The stored result of a finished graph of this configuration, else None.
 
     The analysis part is shared by every threshold of a weight: a graph built since with other
     analysis thresholds replaced it, and then this graph is built again."""
-    done = finished_marker(marker, digest)
+    done = marker.done(digest)
     edges_path = coact.part_path(storage, "edges", config.run,
                                  coact.graph_part(config.weight, config.threshold))
     stored = coact.read_part(storage, "threshold_analysis", config.run, config.weight)

@@ -20,7 +20,7 @@ import polars as pl
 from pipeline.core import tables, warehouse
 from pipeline.core.config import ModelOptions, Progress, Stage, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
-from pipeline.core.storage import Storage, finished_marker, marker_path, write_marker
+from pipeline.core.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def run(config: NeuronStatsConfig, storage: Storage) -> NeuronStatsResult:
     manifest = storage.finished_run(config.run)
     key = config_hash(config, dtype=str(resolve_dtype(config.dtype, resolve_device(config.device))),
                       run_finished=manifest.get("timings", {}).get("finished"))
-    marker = marker_path(storage, config.run, "neuron-stats")
-    if not config.overwrite and finished_marker(marker, key):
+    marker = storage.marker(config.run, "neuron-stats")
+    if not config.overwrite and marker.done(key):
         frame = pl.from_arrow(tables.read_partition(storage, "neuron_properties", config.run))
         return NeuronStatsResult(config.run, frame, reused=True)
     name = config.model or manifest["model"]["name"]
@@ -87,7 +87,7 @@ def run(config: NeuronStatsConfig, storage: Storage) -> NeuronStatsResult:
                        how="inner").sort("neuron_id")
     tables.write_part(storage, "neuron_properties", config.run,
                       out.select(tables.schema("neuron_properties").names).to_arrow())
-    write_marker(marker, to_dict(config), key, neurons=out.height)
+    marker.write(to_dict(config), key, neurons=out.height)
     return NeuronStatsResult(config.run, out, reused=False)
 
 

@@ -24,7 +24,7 @@ from pipeline.core import coact, tables
 from pipeline.core.coact import WEIGHTS, check_threshold
 from pipeline.core.config import Progress, Stage, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
-from pipeline.core.storage import Storage, atomic_path, finished_marker, marker_path, write_marker
+from pipeline.core.storage import Storage, atomic_path
 from pipeline.kernels.graphs import METHODS, build_graph, centrality, top_k
 
 log = logging.getLogger(__name__)
@@ -112,9 +112,9 @@ def run_grid(config: SubsetGridConfig, storage: Storage) -> SubsetResult:
     """Every threshold x ratio x method subset; each threshold's graph is built once."""
     g = coact.load_run_graph(storage, config.run)
     digest = config_hash(config, counts=g.fingerprint)
-    marker = marker_path(storage, config.run, "subset-grid")  # the cells have their own markers
+    marker = storage.marker(config.run, "subset-grid")  # the cells have their own markers
     result = _select(storage, config.run, config.cells(), g)
-    write_marker(marker, to_dict(config), digest, subsets=result.subsets["subset"].unique(
+    marker.write(to_dict(config), digest, subsets=result.subsets["subset"].unique(
         maintain_order=True).to_list())
     return result
 
@@ -174,13 +174,13 @@ def _write_subset(storage: Storage, g: coact.RunGraph, cell: SubsetConfig, diges
     tables.write_part(storage, "subsets", cell.run, table, part=cell.subset)
     with atomic_path(coact.subset_path(storage, cell.run, cell.subset)) as tmp, open(tmp, "wb") as f:
         np.save(f, g.node_ids[chosen].astype(np.int64))
-    write_marker(marker_path(storage, cell.run, "subset", cell.subset), to_dict(cell), digest,
+    storage.marker(cell.run, "subset", cell.subset).write(to_dict(cell), digest,
                  neurons=k, top_score=float(scores[chosen].max()))
     return pl.from_arrow(table)
 
 
 def _stored(storage: Storage, cell: SubsetConfig, digest: str) -> pl.DataFrame | None:
-    if finished_marker(marker_path(storage, cell.run, "subset", cell.subset), digest) is None:
+    if storage.marker(cell.run, "subset", cell.subset).done(digest) is None:
         return None
     stored = coact.read_part(storage, "subsets", cell.run, cell.subset)
     if stored is None or not coact.subset_path(storage, cell.run, cell.subset).exists():

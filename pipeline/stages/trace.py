@@ -23,17 +23,7 @@ import numpy as np
 from pipeline.core import tables
 from pipeline.core.config import ModelOptions, Stage, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
-from pipeline.core.storage import (
-    Storage,
-    atomic_path,
-    finished_marker,
-    marker_path,
-    read_json,
-    slug,
-    validate_run_id,
-    write_json,
-    write_marker,
-)
+from pipeline.core.storage import Storage, atomic_path, read_json, slug, validate_run_id, write_json
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +76,7 @@ def check_run_id(storage: Storage, config: TraceConfig, key: str) -> bool:
     if manifest.get("kind") != "trace":
         raise UserError(f"run {config.run_id!r} exists and is not a trace (an extraction): pass "
                         "another --run")
-    if finished_marker(marker_path(storage, config.run_id, "trace"), key) is not None:
+    if storage.marker(config.run_id, "trace").done(key) is not None:
         return True
     if not config.overwrite:
         raise UserError(f"run {config.run_id!r} holds a trace of another configuration: pass "
@@ -123,7 +113,7 @@ def run(config: TraceConfig, storage: Storage) -> TraceResult:
         "config_hash": key, "model": _model_record(config, loaded),
         "num_tokens": int(ids.shape[1]), "num_active": int(active.sum()),
     })
-    write_marker(marker_path(storage, config.run_id, "trace"), to_dict(config), key,
+    storage.marker(config.run_id, "trace").write(to_dict(config), key,
                  num_active=int(active.sum()))
     return TraceResult(config.run_id, values, active, layer, storage.run_dir(config.run_id))
 

@@ -41,14 +41,7 @@ from pipeline.core.config import (
 )
 from pipeline.core.errors import UserError
 from pipeline.core.inputs import corpus_windows, input_fingerprint
-from pipeline.core.storage import (
-    Storage,
-    atomic_path,
-    finished_marker,
-    marker_path,
-    slug,
-    write_marker,
-)
+from pipeline.core.storage import Storage, atomic_path, slug
 from pipeline.kernels.correlation import CHUNK_ROWS, PairCorrelation
 
 log = logging.getLogger(__name__)
@@ -156,8 +149,8 @@ def run(config: UniversalConfig, storage: Storage) -> UniversalResult:
     name = config.result_name
     key = config_hash(config, dtype=str(resolve_dtype(config.dtype, resolve_device(config.device))),
                       corpus_file=input_fingerprint(config.corpus))
-    marker = marker_path(storage, name, "universal")
-    if not config.overwrite and finished_marker(marker, key):
+    marker = storage.marker(name, "universal")
+    if not config.overwrite and marker.done(key):
         return stored_result(storage, name)
     storage.ensure_writable()
     with atomic_path(storage.arrays(name)) as tmp:
@@ -176,7 +169,7 @@ def run(config: UniversalConfig, storage: Storage) -> UniversalResult:
     result = _result(name, summary, neurons, properties, reused=False)
     tables.write_part(storage, "universal_properties", name, result.comparison.select(
         tables.schema("universal_properties").names).to_arrow())
-    write_marker(marker, to_dict(config), key, neurons=neurons.height,
+    marker.write(to_dict(config), key, neurons=neurons.height,
                  universal=int(neurons["universal"].sum()))
     return result
 
