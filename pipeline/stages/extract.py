@@ -46,7 +46,14 @@ from pipeline.core.config import (
 )
 from pipeline.core.errors import UserError
 from pipeline.core.layers import parse_layers
-from pipeline.core.storage import Storage, read_json, slug, validate_run_id, write_json
+from pipeline.core.storage import (
+    Storage,
+    clean_temporaries,
+    read_json,
+    slug,
+    validate_run_id,
+    write_json,
+)
 from pipeline.kernels.accumulators import NeuronMoments, load_states, save_states
 
 log = logging.getLogger(__name__)
@@ -590,6 +597,11 @@ def open_manifest(p: ExtractPlan, config: ExtractConfig, storage: Storage,
         for part in storage.table_partition("tokens", p.run_id).glob("part-*.parquet"):
             if int(part.stem.split("-")[1]) >= committed["rows"]:
                 part.unlink()  # written after the last commit
+        # temporaries of writes a kill interrupted (atomic_path names them .<name>.tmp-*)
+        for folder in (storage.table_partition("tokens", p.run_id), storage.run_dir(p.run_id),
+                       storage.run_dir(p.run_id) / "state"):
+            if folder.is_dir():
+                clean_temporaries(folder)
         log.info("run %s: resuming after %d committed rows", p.run_id, committed["rows"])
     arrays.truncate_rows(arrays.open_group(storage.arrays(p.run_id)), manifest["committed"]["rows"])
     return manifest, moments
