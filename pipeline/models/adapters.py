@@ -1,16 +1,20 @@
 """Architecture adapters: one table maps a model family to its neuron site and weights.
 
 The neuron is one coordinate of the INPUT of the MLP's output projection (post-nonlinearity,
-post-gate). Adding an architecture is one entry in FAMILIES.
+post-gate). Adding an architecture is one entry in FAMILIES. A family without an entry is
+mapped by the common module names (`infer_family`), and the module picked is logged.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from pipeline.core.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,13 +33,19 @@ class Family:
     w_up: str | None = None   # the ungated branch of a gated MLP
     conv1d: bool = False      # GPT-2's Conv1D stores weight as [in, out]
     causal: bool = True
+    fused: bool = False       # w_in and w_up are one projection: gate the first half of its
+                              # outputs, up the second (Phi-3's gate_up_proj, split by chunk(2))
 
 
 _DECODER = ("model.layers", "layers")
 _GATED = Family(_DECODER, "mlp.down_proj", "mlp.gate_proj", w_up="mlp.up_proj")
+_GPT = ("transformer.h", "h")
 
 FAMILIES: dict[str, Family] = {
-    "gpt2": Family(("transformer.h", "h"), "mlp.c_proj", "mlp.c_fc", conv1d=True),
+    "gpt2": Family(_GPT, "mlp.c_proj", "mlp.c_fc", conv1d=True),
+    "gpt_neo": Family(_GPT, "mlp.c_proj", "mlp.c_fc"),  # GPT-2's names, but nn.Linear
+    "gptj": Family(_GPT, "mlp.fc_out", "mlp.fc_in"),
+    "falcon": Family(_GPT, "mlp.dense_4h_to_h", "mlp.dense_h_to_4h"),
     "gpt_neox": Family(("gpt_neox.layers", "layers"), "mlp.dense_4h_to_h", "mlp.dense_h_to_4h"),
     "llama": _GATED,
     "qwen2": _GATED,
@@ -43,12 +53,42 @@ FAMILIES: dict[str, Family] = {
     "mistral": _GATED,
     "gemma": _GATED,
     "gemma2": _GATED,
+    "gemma3_text": _GATED,
+    # Gemma 3 with its vision tower (4B and up): the text layers sit under language_model
+    "gemma3": Family(("model.language_model.layers", "language_model.layers"), "mlp.down_proj",
+                     "mlp.gate_proj", w_up="mlp.up_proj"),
+    "olmo": _GATED,
+    "olmo2": _GATED,
+    "stablelm": _GATED,
+    "phi3": Family(_DECODER, "mlp.down_proj", "mlp.gate_up_proj", w_up="mlp.gate_up_proj",
+                   fused=True),
+    "phi": Family(_DECODER, "mlp.fc2", "mlp.fc1"),
+    "starcoder2": Family(_DECODER, "mlp.c_proj", "mlp.c_fc"),
     "opt": Family(("model.decoder.layers", "decoder.layers"), "fc2", "fc1"),
     "bert": Family(("bert.encoder.layer", "encoder.layer"), "output.dense", "intermediate.dense", causal=False),
     "roberta": Family(("roberta.encoder.layer", "encoder.layer"), "output.dense",
                       "intermediate.dense", causal=False),
+    "electra": Family(("electra.encoder.layer", "encoder.layer"), "output.dense",
+                      "intermediate.dense", causal=False),
+    "distilbert": Family(("distilbert.transformer.layer", "transformer.layer"), "ffn.lin2",
+                         "ffn.lin1", causal=False),
 }
 SUPPORTED_FAMILIES = tuple(FAMILIES)
+_TABLE = "pipeline/models/adapters.py"  # named in the errors: where a family's entry goes
+
+# For a family without an entry: where the layer list usually is, and the usual names of
+# (output projection, input projection, ungated branch) under one parent, most specific first.
+LAYER_LISTS = ("model.layers", "layers", "transformer.h", "h", "model.decoder.layers",
+               "decoder.layers", "gpt_neox.layers", "transformer.layers", "encoder.layer",
+               "transformer.layer", "transformer.blocks", "blocks")
+MLP_NAMES = (("down_proj", "gate_proj", "up_proj"), ("down_proj", "up_proj", None),
+             ("c_proj", "c_fc", None), ("fc2", "fc1", None),
+             ("dense_4h_to_h", "dense_h_to_4h", None), ("output.dense", "intermediate.dense", None),
+             ("w2", "w1", "w3"), ("w2", "w1", None), ("fc_out", "fc_in", None),
+             ("lin2", "lin1", None))
+_ENCODER_DECODERS = ("t5", "mt5", "umt5", "longt5", "bart", "mbart", "pegasus", "marian",
+                     "led", "switch_transformers")
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 def _get(model: torch.nn.Module, path: str):
@@ -98,19 +138,23 @@ class Adapter:
         w = module.weight.detach()
         return w if self.spec.conv1d else w.T
 
+    def _part(self, t: torch.Tensor, half: int) -> torch.Tensor:
+        """The gate (half 0) or up (half 1) outputs of a fused projection (last axis)."""
+        return t.chunk(2, dim=-1)[half] if self.spec.fused else t
+
     def w_in(self, model, layer: int) -> torch.Tensor:
         """[d_model, d_mlp]: column n holds the input weights of neuron n."""
-        return self._weight(self._layer_module(model, layer, self.spec.w_in))
+        return self._part(self._weight(self._layer_module(model, layer, self.spec.w_in)), 0)
 
     def w_up(self, model, layer: int) -> torch.Tensor | None:
         """[d_model, d_mlp] of the ungated branch of a gated MLP, else None."""
         if not self.gated:
             return None
-        return self._weight(self._layer_module(model, layer, self.spec.w_up))
+        return self._part(self._weight(self._layer_module(model, layer, self.spec.w_up)), 1)
 
     def b_in(self, model, layer: int) -> torch.Tensor | None:
         bias = getattr(self._layer_module(model, layer, self.spec.w_in), "bias", None)
-        return None if bias is None else bias.detach()
+        return None if bias is None else self._part(bias.detach(), 0)
 
     def w_out(self, model, layer: int) -> torch.Tensor:
         """[d_mlp, d_model]: row n holds the output weights of neuron n."""
@@ -121,7 +165,14 @@ class Adapter:
         head = model.get_output_embeddings()
         if head is None or getattr(head, "weight", None) is None:
             head = model.get_input_embeddings()
-        return head.weight.detach().T
+        unembed = head.weight.detach().T
+        d_model = self.w_out(model, 0).shape[1]
+        if unembed.shape[0] != d_model:  # ELECTRA's head maps the stream to a smaller embedding
+            raise UserError(f"this {self.family} model's vocabulary projection reads "
+                            f"{unembed.shape[0]}-wide embeddings, not the {d_model}-wide residual "
+                            "stream, so the vocabulary statistics of its neurons are undefined: "
+                            "use a checkpoint whose embedding size equals its hidden size")
+        return unembed
 
     def base_model(self, model) -> torch.nn.Module:
         """The trunk without the LM head (extraction needs no logits)."""
@@ -129,9 +180,98 @@ class Adapter:
         return base if base is not None else model
 
 
-def adapter_for(model) -> Adapter:
-    family = getattr(model.config, "model_type", None)
-    if family not in FAMILIES:
-        raise UserError(f"model type {family!r} has no adapter: supported are "
+def family_spec(config) -> Family | None:
+    """The FAMILIES entry of a config's model_type, None for a family without one; a family
+    whose neurons are not one vector per layer (encoder-decoder, mixture of experts) is refused."""
+    family = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False) or family in _ENCODER_DECODERS:
+        raise UserError(f"model type {family!r} is an encoder-decoder, which has no adapter: "
+                        "neurons are defined for decoder-only and encoder-only models; use one of "
                         f"{', '.join(SUPPORTED_FAMILIES)}")
-    return Adapter(family, FAMILIES[family])
+    if family in FAMILIES:
+        return FAMILIES[family]
+    experts = max((n for n in (getattr(config, k, None) for k in _EXPERT_COUNTS)
+                   if isinstance(n, int)), default=0)
+    if experts > 1:
+        raise UserError(f"model type {family!r} is a mixture of experts ({experts} experts a "
+                        "layer), which has no adapter: its neurons are (layer, expert, index); use "
+                        f"a dense model of one of {', '.join(SUPPORTED_FAMILIES)}")
+    return None
+
+
+def config_is_causal(config) -> bool:
+    """Whether a family without an entry is a causal LM: an encoder is one with a masked-LM
+    class that is not configured as a decoder."""
+    from transformers import MODEL_FOR_MASKED_LM_MAPPING
+
+    return (bool(getattr(config, "is_decoder", False))
+            or type(config) not in MODEL_FOR_MASKED_LM_MAPPING)
+
+
+def _projection(module) -> tuple[int, int] | None:
+    """(in, out) widths of a linear layer (nn.Linear or GPT-2's Conv1D), else None."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        return None
+    return tuple(weight.shape) if _is_conv1d(module) else (weight.shape[1], weight.shape[0])
+
+
+def _is_conv1d(module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def _mlp_in(block: torch.nn.Module) -> list[tuple[str, str, str | None]]:
+    """(w_out, w_in, w_up) paths under one block, by the first of MLP_NAMES that matches with
+    consistent widths (in's outputs = out's inputs), at every parent where it matches."""
+    parents = [name for name, _ in block.named_modules()]
+    for out_name, in_name, up_name in MLP_NAMES:
+        found = []
+        for parent in parents:
+            rel = [f"{parent}.{n}" if parent else n for n in (out_name, in_name, up_name) if n]
+            shapes = [_projection(_get(block, r)) for r in rel]
+            if all(shapes) and all(s[1] == shapes[0][0] for s in shapes[1:]):
+                found.append((rel[0], rel[1], rel[2] if up_name else None))
+        if found:
+            return found
+    return []
+
+
+def infer_family(model: torch.nn.Module) -> Family:
+    """A Family for a model without a FAMILIES entry, found by the common names of the layer
+    list and of the MLP projections (LAYER_LISTS, MLP_NAMES); one-line UserError otherwise."""
+    family = getattr(model.config, "model_type", None)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = LAYER_LISTS + tuple(f"{prefix}.{p}" for p in LAYER_LISTS if prefix)
+    paths = [p for p in candidates if isinstance(_get(model, p), torch.nn.ModuleList)
+             and len(model.get_submodule(p)) > 0]
+    for path in paths:
+        blocks = model.get_submodule(path)
+        found = _mlp_in(blocks[0])
+        if len(found) > 1:
+            raise UserError(f"model type {family!r} has no adapter and its layers ({path}) hold "
+                            f"several MLP-like pairs ({', '.join(f[0] for f in found)}): add "
+                            f"FAMILIES[{family!r}] = Family(({path!r},), w_out=<the MLP's "
+                            f"output projection>, w_in=<its input projection>) in {_TABLE}")
+        if found and all(_get(b, found[0][0]) is not None for b in blocks):
+            w_out, w_in, w_up = found[0]
+            layers = (path, path.removeprefix(f"{prefix}.")) if prefix else (path,)
+            log.info("model type %r has no FAMILIES entry: the neuron site is %s.<layer>.%s "
+                     "(input projection %s%s)", family, path, w_out, w_in,
+                     f", ungated branch {w_up}" if w_up else "")
+            return Family(tuple(dict.fromkeys(layers)), w_out, w_in, w_up=w_up,
+                          conv1d=_is_conv1d(blocks[0].get_submodule(w_out)),
+                          causal=config_is_causal(model.config))
+    where = (f"no MLP output projection ({', '.join(sorted({n[0] for n in MLP_NAMES}))}) "
+             f"under {paths[0]}.0" if paths else
+             f"no layer list ({', '.join(LAYER_LISTS)})")
+    layers = repr((paths[0],)) if paths else "(<layer list>,)"
+    raise UserError(f"model type {family!r} has no adapter and {where} was found by name: add "
+                    f"FAMILIES[{family!r}] = Family({layers}, w_out=<output projection>, "
+                    f"w_in=<input projection>) in {_TABLE}")
+
+
+def adapter_for(model) -> Adapter:
+    spec = family_spec(model.config) or infer_family(model)
+    return Adapter(getattr(model.config, "model_type", None), spec)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +14,9 @@ import torch
 
 from pipeline.core.errors import UserError
 from pipeline.core.storage import Storage
-from pipeline.models.adapters import Adapter, NeuronSite, adapter_for
+from pipeline.models.adapters import Adapter, NeuronSite, adapter_for, config_is_causal, family_spec
 
 log = logging.getLogger(__name__)
-
-ENCODER_FAMILIES = ("bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2")
 
 
 @dataclass
@@ -93,16 +93,14 @@ def _local_dir(name: str, revision: str | None) -> tuple[Path, str | None]:
     root = Path(name).expanduser()
     if revision and (root / revision / "config.json").exists():
         return root / revision, revision
-    if (root / "config.json").exists():
-        if revision and any((p / "config.json").exists() for p in root.iterdir() if p.is_dir()):
-            raise UserError(f"model folder {name!r} has no revision {revision!r}: available are "
-                            f"{_revisions(root)}")
-        return root, revision
     available = _revisions(root)
+    if revision:  # never label a run with a revision the folder does not hold
+        held = f"available are {available}" if available else "it holds no revisions (no " \
+            "subfolder with a config.json): drop --revision"
+        raise UserError(f"model folder {name!r} has no revision {revision!r}: {held}")
+    if (root / "config.json").exists():
+        return root, None
     if available:
-        if revision:
-            raise UserError(f"model folder {name!r} has no revision {revision!r}: available are "
-                            f"{available}")
         raise UserError(f"model folder {name!r} holds revisions {available}: pass --revision")
     raise UserError(f"model folder {name!r} has no config.json: pass a folder in Hugging Face "
                     "format (save_pretrained)")
@@ -116,7 +114,10 @@ def load_model(
     name: str, revision: str | None = None, *, storage: Storage, device: str = "auto",
     dtype: str = "auto", trust_remote_code: bool = False, for_generation: bool = True,
 ) -> LoadedModel:
-    """Load a model (eval mode) with tokenizer and adapter; bad names give a one-line UserError."""
+    """Load a model (eval mode) with tokenizer and adapter; bad names give a one-line UserError.
+
+    The config is read first and the adapter resolved from it, so an unsupported family is
+    refused before any weights load."""
     from pipeline.models import zoo
 
     dev = resolve_device(device)
@@ -135,15 +136,24 @@ def load_model(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if source == "hub":
         kwargs["revision"] = revision
+        offline = _hub_offline_reason()
+        if offline:  # fail at once instead of retrying the hub, and never ask it again
+            if not _hub_cached(name, revision):
+                raise _offline_error(name, revision, offline)
+            kwargs["local_files_only"] = True
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our stages show their own progress
+    hf_logging.set_verbosity_error()
     try:
-        from transformers import AutoConfig, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # our stages show their own progress
-        hf_logging.set_verbosity_error()
-
         config = AutoConfig.from_pretrained(where, **kwargs)
-        model_cls = _model_class(config)
+        spec = family_spec(config)
+        causal = spec.causal if spec else config_is_causal(config)
+        model_cls = _model_class(config, causal)
+        # a family without an entry is mapped on an empty skeleton (meta device: no memory)
+        adapter = Adapter(config.model_type, spec) if spec else adapter_for(
+            _skeleton(model_cls, config, trust_remote_code))
         model = model_cls.from_pretrained(where, dtype=torch_dtype,
                                           use_safetensors=True if path else None, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
@@ -154,23 +164,71 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.to(dev).eval()
-    adapter = adapter_for(model)
-    causal = adapter.causal and not getattr(config, "is_encoder_decoder", False)
+    causal = (adapter.causal or bool(getattr(config, "is_decoder", False))) \
+        and not getattr(config, "is_encoder_decoder", False)
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter,
                        sites=adapter.sites(model), name=name, revision=revision, source=source,
                        path=path, device=dev, dtype=torch_dtype, is_causal=causal)
 
 
-def _model_class(config):
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+def _model_class(config, causal: bool):
+    from transformers import (
+        MODEL_FOR_MASKED_LM_MAPPING,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForMaskedLM,
+    )
 
-    if config.model_type in ENCODER_FAMILIES and not getattr(config, "is_decoder", False):
-        try:
-            AutoModelForMaskedLM._model_mapping[type(config)]  # noqa: B018 - mapping lookup
-            return AutoModelForMaskedLM
-        except KeyError:
-            return AutoModel
-    return AutoModelForCausalLM
+    if causal or getattr(config, "is_decoder", False):
+        return AutoModelForCausalLM
+    return AutoModelForMaskedLM if type(config) in MODEL_FOR_MASKED_LM_MAPPING else AutoModel
+
+
+def _skeleton(model_cls, config, trust_remote_code: bool) -> torch.nn.Module:
+    with torch.device("meta"):
+        return model_cls.from_config(config, trust_remote_code=trust_remote_code)
+
+
+HUB_PROBE_TIMEOUT_S = 2.0  # a reachable hub answers a HEAD in well under a second
+
+
+def _hub_offline_reason() -> str | None:
+    """Why the hub cannot be asked (HF_HUB_OFFLINE set, or no answer), None when it can."""
+    from huggingface_hub import constants
+
+    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "")
+    if constants.HF_HUB_OFFLINE or env.upper() in ("1", "ON", "YES", "TRUE"):
+        return "HF_HUB_OFFLINE is set"
+    return _hub_unreachable()
+
+
+@functools.cache  # once a process: a dead network does not come back within a run
+def _hub_unreachable() -> str | None:
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - any transport failure means the hub cannot be reached
+        return f"{constants.ENDPOINT} does not answer"
+    return None
+
+
+def _hub_cached(name: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str)
+
+
+def _offline_error(name: str, revision: str | None, reason: str, *, partly: bool = False
+                   ) -> UserError:
+    from huggingface_hub import constants
+
+    what = f"model {name!r}" + (f" at revision {revision!r}" if revision else "")
+    cached = "is only partly cached" if partly else "is not cached"
+    return UserError(f"{what} {cached} in {constants.HF_HUB_CACHE} and the hub cannot be "
+                     f"asked ({reason}): pass a local folder with --model ./path or a zoo name "
+                     "(make zoo), or download it once online (HF_HUB_OFFLINE unset)")
 
 
 def _load_error(name: str, revision: str | None, source: str, e: Exception) -> UserError:
@@ -179,8 +237,10 @@ def _load_error(name: str, revision: str | None, source: str, e: Exception) -> U
         if revision and ("revision" in text.lower() or "git identifier" in text.lower()):
             return UserError(f"model {name!r} has no revision {revision!r} on the hub (or it is "
                              "not cached): check the revision name")
-        return UserError(f"model {name!r} is not available: the hub is unreachable (offline) and "
-                         "it is not cached; pass a local folder with --model ./path or a zoo name "
-                         "(make zoo)")
+        offline = _hub_offline_reason()
+        if offline:  # the config was cached but not all the files the model needs
+            return _offline_error(name, revision, offline, partly=True)
+        return UserError(f"model {name!r} could not be loaded from the hub ({text[:200]}): check "
+                         "the id, or log in (hf auth login) for a gated or private model")
     return UserError(f"model {name!r} could not be loaded from {source} folder ({text[:200]}): "
                      "check that it is a Hugging Face model folder with safetensors weights")
