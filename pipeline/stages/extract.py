@@ -332,7 +332,8 @@ def _plan_work(config, storage, device, resolved, key, status, existing) -> Extr
     loaded = load_model(config.model, config.revision, storage=storage,
                         for_generation=prompts is not None, **config.model_kwargs())
     layers = parse_layers(config.layers, loaded.n_layers)
-    dense_layers = parse_layers(config.acts_layers, loaded.n_layers) if config.store_acts else []
+    dense_layers = [] if not config.store_acts else (  # default: every recorded layer
+        parse_layers(config.acts_layers, loaded.n_layers) if config.acts_layers else layers)
     if set(dense_layers) - set(layers):
         raise UserError(f"--acts-layers {config.acts_layers!r} names layers not in --layers "
                         f"{config.layers!r}: store dense activations only of recorded layers")

@@ -186,6 +186,16 @@ def test_layer_subset_and_dense_subset(tmp_path, micro_model_dir, corpus_file):
     assert ids.min() == 40 and ids.max() == 119  # global ids keep the offsets of all layers
 
 
+def test_store_acts_of_a_layer_subset_defaults_to_the_recorded_layers(tmp_path, micro_model_dir,
+                                                                      corpus_file):
+    storage = Storage(tmp_path)
+    extract(ExtractConfig(model=str(micro_model_dir), corpus=str(corpus_file), num_samples=2,
+                          max_length=8, layers="0-1", store_acts=True, run="sub", quiet=True),
+            storage)
+    group = arrays.open_group(storage.arrays("sub"), mode="r")
+    assert sorted(k for k, _ in group["acts"].arrays()) == ["L0", "L1"]
+
+
 @pytest.mark.parametrize("kw", [dict(corpus="x.txt", prompts="p.csv"), dict(chunk_tokens=0),
                                 dict(commit_seconds=-1), dict(temperature=-0.1), dict(top_k=-1),
                                 dict(num_samples=0), dict(batch_size=0), dict(run="a/b")])
