@@ -105,8 +105,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 def config_hash(config: Any, **extra: Any) -> str:
     """Hash of the fields that change a result (fields declared with hash=False are left out),
     plus `extra` resolved values (a resolved dtype, an input fingerprint)."""
-    d = {f.name: v for f, v in ((f, to_dict(config)[f.name]) for f in dataclasses.fields(config))
-         if f.metadata.get("hash", True)}
+    values = to_dict(config)
+    d = {f.name: values[f.name] for f in dataclasses.fields(config) if f.metadata.get("hash", True)}
     d.update(extra)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

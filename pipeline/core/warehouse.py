@@ -95,6 +95,21 @@ def query(con: duckdb.DuckDBPyConnection, name: str, **params: Any):
     return con.sql(load_sql(name), params=params).pl()
 
 
+def run_query(storage: Storage, name: str, **params: Any):
+    """sql/<name>.sql over the warehouse (a connection of its own); a query that reads dense
+    activations a run did not store is a one-line UserError."""
+    con = connect(storage)
+    try:
+        return query(con, name, **params)
+    except duckdb.Error as e:
+        message = " ".join(str(e).split())
+        if "has no acts array" in message or "no arrays" in message:
+            raise UserError(message.split("Error: ")[-1] + ": re-extract with --store-acts") from None
+        raise
+    finally:
+        con.close()
+
+
 # -- Zarr access from SQL
 
 

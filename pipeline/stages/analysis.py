@@ -119,11 +119,7 @@ def run(config: AnalysisConfig, storage: Storage) -> AnalysisResult:
 def compute_tables(config: AnalysisConfig, storage: Storage, manifest: dict,
                    rows: np.ndarray) -> dict[str, pl.DataFrame]:
     """The analysis tables of the given rows, each cast to its declared schema."""
-    from pipeline.core.warehouse import connect, load_sql
-
-    def query(con, name: str, **params):
-        # warehouse.query's con.execute(...).pl() does not exist in duckdb 2: a relation has .pl()
-        return con.sql(load_sql(name), params=params).pl()
+    from pipeline.core.warehouse import connect, query
 
     layers, widths = manifest["model"]["layers"], manifest["model"]["widths"]
     events = active_events(storage, config.run, rows, layers, widths)

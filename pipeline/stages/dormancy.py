@@ -90,16 +90,11 @@ def parse_step(revision: str | None) -> int | None:
 def dormant_neurons(storage: Storage, run: str, *, definition: str = "tau",
                     threshold: float = 0.1, epsilon: float = 1e-6) -> pl.DataFrame:
     """Per-neuron score and dormant flag (sql/dormancy_neurons.sql)."""
-    from pipeline.core.warehouse import connect, load_sql
+    from pipeline.core.warehouse import run_query
 
     storage.finished_run(run)
-    con = connect(storage)
-    try:
-        return con.sql(load_sql("dormancy_neurons"), params={
-            "run_id": run, "definition": definition, "threshold": threshold,
-            "epsilon": epsilon}).pl()
-    finally:
-        con.close()
+    return run_query(storage, "dormancy_neurons", run_id=run, definition=definition,
+                     threshold=threshold, epsilon=epsilon)
 
 
 def layer_dormancy(neurons: pl.DataFrame) -> pl.DataFrame:

@@ -105,13 +105,9 @@ def run(config: ExportConfig, storage: Storage) -> ExportResult:
 def _neuron_frequency(storage: Storage, run: str):
     """sql/neuron_frequency.sql: the reference neuron_frequency.csv, one row per neuron in
     neuron_id order (the order of the neurons table)."""
-    from pipeline.core.warehouse import connect, load_sql
+    from pipeline.core.warehouse import run_query
 
-    con = connect(storage)
-    try:
-        return con.sql(load_sql("neuron_frequency"), params={"run_id": run}).pl()
-    finally:
-        con.close()
+    return run_query(storage, "neuron_frequency", run_id=run)
 
 
 def write_token_files(storage: Storage, run: str, manifest: dict, dataset: Path, acts_json: Path,

@@ -22,6 +22,7 @@ from pipeline.core import arrays, tables
 from pipeline.core.config import Progress, Stage, at_least, opt
 from pipeline.core.errors import UserError
 from pipeline.core.storage import Storage
+from pipeline.core.warehouse import run_query
 
 log = logging.getLogger(__name__)
 
@@ -69,23 +70,6 @@ class TableResult:
     out: str | None     # the file it was written to
 
 
-def _query(storage: Storage, name: str, **params):
-    import duckdb
-
-    from pipeline.core.warehouse import connect, load_sql
-
-    con = connect(storage)
-    try:
-        return con.sql(load_sql(name), params=params).pl()
-    except duckdb.Error as e:
-        message = " ".join(str(e).split())
-        if "has no acts array" in message or "no arrays" in message:
-            raise UserError(message.split("Error: ")[-1] + ": re-extract with --store-acts") from None
-        raise
-    finally:
-        con.close()
-
-
 def _result(frame, out: str | None) -> TableResult:
     if out:
         tables.write_frame(frame, out)
@@ -108,13 +92,13 @@ def run_frequencies(config: FrequenciesConfig, storage: Storage) -> TableResult:
     `summary` the moments and sparsity per neuron."""
     storage.finished_run(config.run)
     name = "neuron_summary" if config.summary else "neuron_frequency"
-    return _result(_query(storage, name, run_id=config.run), config.out)
+    return _result(run_query(storage, name, run_id=config.run), config.out)
 
 
 def run_top_tokens(config: TopTokensConfig, storage: Storage) -> TableResult:
     """The k rows where a neuron fires most, with their token and left context."""
     _check_dense(storage.finished_run(config.run), config.run, config.layer, config.neuron)
-    frame = _query(storage, "top_tokens", run_id=config.run, layer=config.layer,
+    frame = run_query(storage, "top_tokens", run_id=config.run, layer=config.layer,
                    neuron=config.neuron, k=config.k, context=config.context)
     return _result(frame, config.out)
 

@@ -50,11 +50,7 @@ class NeuronStatsResult:
 
 def activation_summary(storage: Storage, run_id: str) -> pl.DataFrame:
     """act_mean, act_var, act_skew, act_kurt and sparsity per neuron_id, from neuron_stats."""
-    con = warehouse.connect(storage)
-    try:
-        summary = warehouse.query(con, "neuron_summary", run_id=run_id)
-    finally:
-        con.close()
+    summary = warehouse.run_query(storage, "neuron_summary", run_id=run_id)
     return summary.select(
         "neuron_id", pl.col("mean").alias("act_mean"), pl.col("variance").alias("act_var"),
         pl.col("skew").alias("act_skew"), pl.col("kurtosis").alias("act_kurt"), "sparsity")
