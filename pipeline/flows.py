@@ -27,7 +27,7 @@ from pipeline.core.config import (
     to_dict,
 )
 from pipeline.core.errors import UserError
-from pipeline.core.storage import Storage, slug, write_marker
+from pipeline.core.storage import Storage, slug
 from pipeline.stages import dormancy, extract
 
 log = logging.getLogger(__name__)
@@ -85,9 +85,9 @@ def checkpoint_config(config: SweepConfig, revision: str) -> extract.ExtractConf
     shared = [f.name for cls in (ModelOptions, WindowOptions, Progress)
               for f in dataclasses.fields(cls)]
     values = {name: getattr(config, name) for name in shared}
-    run = slug(Path(config.model).name, revision, Path(config.corpus).name.split(":")[0],
-               f"n{config.num_samples}x{config.max_length}")
-    return extract.ExtractConfig(**{**values, "revision": revision}, run=run)
+    checkpoint = extract.ExtractConfig(**{**values, "revision": revision})
+    return dataclasses.replace(checkpoint, run=slug(
+        checkpoint.run_id, f"n{config.num_samples}x{config.max_length}"))
 
 
 def run_sweep(config: SweepConfig, storage: Storage) -> SweepResult:
@@ -107,9 +107,9 @@ def run_sweep(config: SweepConfig, storage: Storage) -> SweepResult:
         log.info("%s %s: %.2f%% dormant on average", config.model, revision,
                  result.rows["pct_dormant"].mean())
     # written last: the finished sweep (a rerun skips the extractions and logs dormancy anew)
-    write_marker(storage.marker(slug("dormancy-sweep", Path(config.model).name),
-                             "dormancy-sweep"), to_dict(config),
-                 config_hash(config, revisions=revisions), runs=runs, log_file=str(log_file))
+    storage.marker(slug("dormancy-sweep", Path(config.model).name), "dormancy-sweep").write(
+        to_dict(config), config_hash(config, revisions=revisions), runs=runs,
+        log_file=str(log_file))
     return SweepResult(pl.concat(frames), log_file, runs)
 
 

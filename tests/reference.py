@@ -26,3 +26,23 @@ def mlp_inputs(model_dir, input_ids, *, batch_size: int = 8) -> dict[int, np.nda
         for h in handles:
             h.remove()
     return {l: torch.cat(v).numpy() for l, v in seen.items()}
+
+
+def files_of(root) -> dict:
+    """Every file under `root` with its bytes: a snapshot to show that nothing was written."""
+    from pathlib import Path
+
+    return {p: p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
+
+
+def text_file_windows(model_dir, path, *, length: int, count: int) -> np.ndarray:
+    """[count, length] token windows of a .txt corpus cut by hand: blank-line paragraphs, each
+    tokenized without special tokens and followed by EOS, joined and cut in order."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    paragraphs = [p.strip() for p in open(path, encoding="utf-8").read().split("\n\n") if p.strip()]
+    ids: list[int] = []
+    for p in paragraphs:
+        ids += tok(p, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return np.array(ids[:length * count]).reshape(count, length)

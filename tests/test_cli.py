@@ -10,6 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+from reference import files_of
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.cli import main
@@ -25,10 +26,6 @@ def warehouse(tmp_path_factory, micro_model_dir, corpus_file) -> Storage:
                  "--storage", str(root), "--quiet"])
     assert code == 0
     return Storage(root)
-
-
-def files_of(root: Path) -> dict:
-    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

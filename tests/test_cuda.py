@@ -10,8 +10,6 @@ threshold may differ.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -63,12 +61,7 @@ def cpu_acts(runs, micro_model_dir) -> dict[int, np.ndarray]:
     """fp32 CPU input of every mlp.c_proj over the runs' windows, hooked on a fresh HF model."""
     t = tables.read_partition(runs, "tokens", "cpu").to_pydict()
     windows = torch.tensor(t["token_id"], dtype=torch.long).reshape(12, 32)
-    return independent_acts(micro_model_dir, windows, batch_size=4)
-
-
-def independent_acts(model_dir: Path, windows: torch.Tensor, batch_size: int) -> dict[int, np.ndarray]:
-    """fp32 input of every mlp.c_proj, hooked directly (not through the pipeline's hooks)."""
-    return mlp_inputs(model_dir, windows, batch_size=batch_size)
+    return mlp_inputs(micro_model_dir, windows, batch_size=4)
 
 
 def _masks(storage, run):

@@ -87,13 +87,6 @@ def counts_fingerprint(storage: Storage, run: str) -> list[list[int]]:
     return out
 
 
-def max_count(storage: Storage, run: str) -> int:
-    """The largest count over every counted pair of the run (the reference normaliser)."""
-    fingerprint = counts_fingerprint(storage, run)
-    if not fingerprint:
-        raise _no_counts(run)
-    return max(pair[3] for pair in fingerprint)
-
 
 def active_counts(storage: Storage, run: str) -> dict[int, np.ndarray]:
     """Per recorded layer, the number of token rows where each neuron is active

@@ -82,6 +82,12 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return _DTYPES[spec]
 
 
+def dtype_name(device: str, dtype: str) -> str:
+    """The resolved torch dtype of --device/--dtype, by name (float32, bfloat16...): what a
+    result depends on, so stages put it in their config hash."""
+    return str(resolve_dtype(dtype, resolve_device(device))).removeprefix("torch.")
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 

@@ -138,10 +138,10 @@ def load_subsets(config: AblationConfig, storage: Storage) -> dict[str, np.ndarr
 
 def _result_hash(config: AblationConfig, manifest: dict, subsets: dict[str, np.ndarray],
                  prompts: str | None) -> str:
-    from pipeline.models.loading import resolve_device, resolve_dtype
+    from pipeline.models.loading import dtype_name
 
     return config_hash(
-        config, dtype=str(resolve_dtype(config.dtype, resolve_device(config.device))),
+        config, dtype=dtype_name(config.device, config.dtype),
         run_finished=manifest.get("timings", {}).get("finished"),
         subsets={k: hashlib.sha256(v.tobytes()).hexdigest()[:16] for k, v in subsets.items()},
         prompts=[prompts, input_fingerprint(prompts)], corpus_file=input_fingerprint(config.corpus))
@@ -199,10 +199,14 @@ def _load_run_model(config: AblationConfig, manifest: dict, storage: Storage):
 
 def neuron_means(storage: Storage, run_id: str, widths: list[int]) -> dict[int, np.ndarray]:
     """Mean activation of every recorded neuron over the run: {layer: [width]} (sum / count)."""
-    stats = tables.read_partition(storage, "neuron_stats", run_id).to_pydict()
+    stats = tables.read_partition(storage, "neuron_stats", run_id)
+    layer, neuron = stats["layer"].to_numpy(), stats["neuron"].to_numpy()
+    mean = stats["sum"].to_numpy() / stats["count"].to_numpy()
     means = {}
-    for l, n, s, c in zip(stats["layer"], stats["neuron"], stats["sum"], stats["count"]):
-        means.setdefault(l, np.zeros(widths[l]))[n] = s / c
+    for l in np.unique(layer).tolist():
+        sel = layer == l
+        means[l] = np.zeros(widths[l])
+        means[l][neuron[sel]] = mean[sel]
     return means
 
 

@@ -119,8 +119,17 @@ class ExtractConfig(ModelOptions, WindowOptions, Progress):
     def run_id(self) -> str:
         if self.run:
             return self.run
-        source = Path(self.prompts).stem if self.prompts else Path(self.corpus).name.split(":")[0]
-        return slug(Path(self.model).name, self.revision or "", source)
+        return slug(Path(self.model).name, self.revision or "", self.source_name)
+
+    @property
+    def source_name(self) -> str:
+        """The input in a run id: the prompts file's stem, or the corpus with its split
+        (stdlib and stdlib:heldout are two inputs)."""
+        if self.prompts:
+            return Path(self.prompts).stem
+        name = Path(self.corpus).name
+        return name.split(":")[0] + ("-" + name.split(":")[1] if ":" in name and
+                                     name.split(":")[1] != "train" else "")
 
 
 def library_versions() -> dict[str, str]:

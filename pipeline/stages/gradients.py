@@ -145,9 +145,9 @@ def load_sae(directory: str | Path, device, dtype) -> SAE:
 def run(config: GradientConfig, storage: Storage) -> GradientResult:
     """Aggregated gradients per layer (+ files, table, marker)."""
     from pipeline.core.layers import parse_layers
-    from pipeline.models.loading import load_model, resolve_device, resolve_dtype
+    from pipeline.models.loading import dtype_name, load_model
 
-    key = config_hash(config, dtype=str(resolve_dtype(config.dtype, resolve_device(config.device))),
+    key = config_hash(config, dtype=dtype_name(config.device, config.dtype),
                       corpus_file=input_fingerprint(config.corpus),
                       sae_files=[input_fingerprint(Path(config.sae) / f) for f in
                                  ("cfg.json", "sae_weights.safetensors")] if config.sae else None)
@@ -203,7 +203,7 @@ def accumulate_gradients(config: GradientConfig, loaded, sae: SAE | None, layers
     from tqdm.auto import tqdm
 
     captured: dict[int, torch.Tensor] = {}
-    sums: dict[int, np.ndarray] = {}
+    sums: dict[int, torch.Tensor] = {}  # on the device: one transfer after the loop
     positions = 0
     with torch.enable_grad(), gradient_hooks(loaded, sae, layers, captured):
         for s in tqdm(range(0, len(windows), config.batch_size), disable=config.quiet,
@@ -216,10 +216,10 @@ def accumulate_gradients(config: GradientConfig, loaded, sae: SAE | None, layers
             grads = torch.autograd.grad(loss, [captured[l] for l in layers])
             for l, g in zip(layers, grads):
                 g = g[:, :-1].reshape(-1, g.shape[-1]).double()  # positions with a target
-                block = torch.stack([g.sum(0), g.abs().sum(0)]).cpu().numpy()
+                block = torch.stack([g.sum(0), g.abs().sum(0)])
                 sums[l] = sums[l] + block if l in sums else block
             positions += ids[:, :-1].numel()
-    return sums, positions
+    return {l: s.cpu().numpy() for l, s in sums.items()}, positions
 
 
 def aggregate(sums: np.ndarray, positions: int, normalize: bool) -> dict[str, np.ndarray]:

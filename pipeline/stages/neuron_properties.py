@@ -59,11 +59,11 @@ def activation_summary(storage: Storage, run_id: str) -> pl.DataFrame:
 def run(config: NeuronStatsConfig, storage: Storage) -> NeuronStatsResult:
     from tqdm.auto import tqdm
 
-    from pipeline.models.loading import load_model, resolve_device, resolve_dtype
+    from pipeline.models.loading import dtype_name, load_model
     from pipeline.models.weights import weight_properties
 
     manifest = storage.finished_run(config.run)
-    key = config_hash(config, dtype=str(resolve_dtype(config.dtype, resolve_device(config.device))),
+    key = config_hash(config, dtype=dtype_name(config.device, config.dtype),
                       run_finished=manifest.get("timings", {}).get("finished"))
     marker = storage.marker(config.run, "neuron-stats")
     if not config.overwrite and marker.done(key):

@@ -61,10 +61,9 @@ class TraceResult:
 
 def resolved_hash(config: TraceConfig) -> str:
     """Config hash with the dtype after 'auto' (a float32 and a bfloat16 trace differ)."""
-    from pipeline.models.loading import resolve_device, resolve_dtype
+    from pipeline.models.loading import dtype_name
 
-    dtype = resolve_dtype(config.dtype, resolve_device(config.device))
-    return config_hash(config, dtype=str(dtype).removeprefix("torch."))
+    return config_hash(config, dtype=dtype_name(config.device, config.dtype))
 
 
 def check_run_id(storage: Storage, config: TraceConfig, key: str) -> bool:

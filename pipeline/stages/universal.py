@@ -144,10 +144,10 @@ def baseline_blocks(kind: str, b_arr, *, seed: int, layer: int,
 
 
 def run(config: UniversalConfig, storage: Storage) -> UniversalResult:
-    from pipeline.models.loading import resolve_device, resolve_dtype
+    from pipeline.models.loading import dtype_name
 
     name = config.result_name
-    key = config_hash(config, dtype=str(resolve_dtype(config.dtype, resolve_device(config.device))),
+    key = config_hash(config, dtype=dtype_name(config.device, config.dtype),
                       corpus_file=input_fingerprint(config.corpus))
     marker = storage.marker(name, "universal")
     if not config.overwrite and marker.done(key):

@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
+from reference import files_of
 
 from pipeline.cli import main  # noqa: E402
 from pipeline.core.errors import UserError  # noqa: E402
@@ -72,10 +73,6 @@ def storage(tmp_path) -> Storage:
             fig.savefig(path)
             plt.close(fig)
     return storage
-
-
-def files_of(root: Path) -> dict:
-    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def test_page_shows_every_figure_and_table(storage, capsys):

@@ -231,7 +231,7 @@ def test_stage_counts_equal_product_of_stored_masks(counted_root, masks):
         c = dense(masks[a], masks[b])
         assert pairs["max_count"][k] == c.max() and pairs["nonzero"][k] == np.count_nonzero(c)
         assert pairs["total"][k] == c.sum()
-    assert coact.max_count(storage, "c") == max(dense(masks[a], masks[b]).max()
+    assert coact.load_run_graph(storage, "c").max_count == max(dense(masks[a], masks[b]).max()
                                                 for a, b in ((0, 1), (1, 2)))
     active = coact.active_counts(storage, "c")
     for l in range(3):  # neuron_stats.active_count equals the popcount of the stored masks

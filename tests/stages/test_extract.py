@@ -7,13 +7,12 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from reference import mlp_inputs
+from reference import files_of, mlp_inputs, text_file_windows
 from transformers import AutoModelForCausalLM
 
 import pipeline.stages.extract as ex
@@ -25,11 +24,6 @@ from pipeline.stages.extract import ExtractConfig
 from pipeline.stages.extract import run as extract
 
 THRESHOLD = 0.05
-
-
-def independent_acts(model_dir: Path, windows: np.ndarray, batch_size: int) -> dict[int, np.ndarray]:
-    """fp32 input of every mlp.c_proj, hooked directly (not through the pipeline's hooks)."""
-    return mlp_inputs(model_dir, windows, batch_size=batch_size)
 
 
 def token_windows(storage: Storage, run: str) -> np.ndarray:
@@ -57,7 +51,15 @@ def corpus_run(tmp_path_factory, micro_model_dir, corpus_file):
 @pytest.fixture(scope="module")
 def reference_acts(corpus_run, micro_model_dir):
     storage, config, _ = corpus_run
-    return independent_acts(micro_model_dir, token_windows(storage, "r1"), config.batch_size)
+    return mlp_inputs(micro_model_dir, token_windows(storage, "r1"), batch_size=config.batch_size)
+
+
+def test_windows_are_the_corpus_cut_by_hand(corpus_run, micro_model_dir, corpus_file):
+    """The stage's input, from the file itself: the references above read the tokens table."""
+    storage, config, _ = corpus_run
+    expect = text_file_windows(micro_model_dir, corpus_file, length=config.max_length,
+                               count=config.num_samples)
+    assert np.array_equal(token_windows(storage, "r1"), expect)
 
 
 def test_manifest_and_marker(corpus_run):
@@ -126,10 +128,6 @@ def test_rerun_finished_is_skipped(corpus_run):
     result = extract(config, storage)
     assert result.skipped and part.stat().st_mtime_ns == before
     assert "nothing to do" in ex.show(result)
-
-
-def files_of(root: Path) -> dict:
-    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, micro_model_dir, corpus_file,

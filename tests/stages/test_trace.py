@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reference import mlp_inputs
+from reference import files_of, mlp_inputs
 from transformers import AutoTokenizer
 
 from pipeline.core import tables
@@ -25,10 +25,6 @@ def last_position_acts(model_dir: Path, text: str) -> np.ndarray:
     ids = AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]
     acts = mlp_inputs(model_dir, ids)
     return np.concatenate([acts[l][-1] for l in sorted(acts)])
-
-
-def files_of(root: Path) -> dict:
-    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
 def _config(model_dir, **kw) -> TraceConfig:
