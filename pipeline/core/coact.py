@@ -23,7 +23,6 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.core import arrays, tables
 from pipeline.core.errors import UserError
@@ -254,16 +253,6 @@ def no_edges_error(storage: Storage, g: RunGraph, weight: str, threshold: float)
 def graph_part(weight: str, threshold: float) -> str:
     """Part name of the edges of one (weight, threshold) in the `edges` table."""
     return f"{weight}-{threshold!r}"  # exact: 0.5 and 0.5000001 are two graphs
-
-
-def part_path(storage: Storage, table: str, run: str, part: str) -> Path:
-    return storage.table_partition(table, run) / f"{part}.parquet"
-
-
-def read_part(storage: Storage, table: str, run: str, part: str) -> pa.Table | None:
-    """One part of a run's partition with the declared schema, or None when it is absent."""
-    path = part_path(storage, table, run, part)
-    return pq.read_table(path, schema=tables.schema(table)) if path.exists() else None
 
 
 def check_subset_name(name: str) -> str:

@@ -73,10 +73,21 @@ def to_arrow(table: str, data: pa.Table | Mapping[str, Any]) -> pa.Table:
     return out
 
 
+def part_path(storage: Storage, table: str, run_id: str, part: str) -> Path:
+    """tables/<table>/run_id=<run>/<part>.parquet."""
+    return storage.table_partition(table, run_id) / f"{part}.parquet"
+
+
+def read_part(storage: Storage, table: str, run_id: str, part: str) -> pa.Table | None:
+    """One part of a run's partition with the declared schema, or None when it is absent."""
+    path = part_path(storage, table, run_id, part)
+    return pq.read_table(path, schema=schema(table)) if path.exists() else None
+
+
 def write_part(storage: Storage, table: str, run_id: str, data: Any, part: str = "part-0") -> Path:
     """Write one validated Parquet file of a run's partition, atomically."""
     arrow = to_arrow(table, data)
-    path = storage.table_partition(table, run_id) / f"{part}.parquet"
+    path = part_path(storage, table, run_id, part)
     with atomic_path(path) as tmp:
         pq.write_table(arrow, tmp, compression="zstd")
     return path

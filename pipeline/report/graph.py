@@ -24,7 +24,7 @@ def draw(result, config, storage: Storage) -> list[Path]:
     out_dir = storage.reports(config.run)
     out_dir.mkdir(parents=True, exist_ok=True)
     part = coact.graph_part(config.weight, config.threshold)
-    edges = pl.scan_parquet(coact.part_path(storage, "edges", config.run, part))
+    edges = pl.scan_parquet(tables.part_path(storage, "edges", config.run, part))
     weights = edges.select("weight").collect()["weight"].to_numpy()
     label = f"{config.weight} > {config.threshold:g}"
     paths = [plot_histogram(weights, out_dir / f"edge_weights_{config.weight}.png",
@@ -32,7 +32,7 @@ def draw(result, config, storage: Storage) -> list[Path]:
              plot_histogram(_degrees(edges, result.nodes),
                             out_dir / f"degrees_{config.weight}_{config.threshold!r}.png",
                             title=f"Node degrees ({label})", xlabel="degree")]
-    analysis = pl.from_arrow(coact.read_part(storage, "threshold_analysis", config.run,
+    analysis = pl.from_arrow(tables.read_part(storage, "threshold_analysis", config.run,
                                              config.weight))
     paths.append(plot_threshold_analysis(analysis, out_dir / f"threshold_analysis_{config.weight}.png",
                                          config.weight))

@@ -132,7 +132,7 @@ def run(config: DormancyConfig, storage: Storage) -> DormancyResult:
     model = manifest["model"]["name"]
     key = config_hash(config)
     marker = storage.marker(config.run, "dormancy", config.part)
-    part = storage.table_partition("dormancy", config.run) / f"{config.part}.parquet"
+    part = tables.part_path(storage, "dormancy", config.run, config.part)
     skipped = not config.overwrite and marker.done(key) is not None and part.exists()
     if skipped:
         rows = pl.read_parquet(part).select(tables.schema("dormancy").names)

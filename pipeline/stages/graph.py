@@ -84,7 +84,7 @@ def run(config: GraphConfig, storage: Storage) -> GraphResult:
     t0 = time.perf_counter()
     # the analysis also measures --threshold itself: its row is the summary of the kept graph
     analysis = ThresholdAnalysis(g.n_nodes, config.thresholds + [config.threshold])
-    edges_path = coact.part_path(storage, "edges", config.run, part)
+    edges_path = tables.part_path(storage, "edges", config.run, part)
     with atomic_path(edges_path) as tmp:
         kept = _stream_edges(tmp, g, storage, config, analysis)
         if not kept:  # raised before the rename: the previous part, if any, stays
@@ -145,9 +145,9 @@ def _stored(config: GraphConfig, storage: Storage, marker: Marker, digest: str) 
     The analysis part is shared by every threshold of a weight: a graph built since with other
     analysis thresholds replaced it, and then this graph is built again."""
     done = marker.done(digest)
-    edges_path = coact.part_path(storage, "edges", config.run,
+    edges_path = tables.part_path(storage, "edges", config.run,
                                  coact.graph_part(config.weight, config.threshold))
-    stored = coact.read_part(storage, "threshold_analysis", config.run, config.weight)
+    stored = tables.read_part(storage, "threshold_analysis", config.run, config.weight)
     if done is None or stored is None or not edges_path.exists():
         return None
     frame = pl.from_arrow(stored)

@@ -182,7 +182,7 @@ def _write_subset(storage: Storage, g: coact.RunGraph, cell: SubsetConfig, diges
 def _stored(storage: Storage, cell: SubsetConfig, digest: str) -> pl.DataFrame | None:
     if storage.marker(cell.run, "subset", cell.subset).done(digest) is None:
         return None
-    stored = coact.read_part(storage, "subsets", cell.run, cell.subset)
+    stored = tables.read_part(storage, "subsets", cell.run, cell.subset)
     if stored is None or not coact.subset_path(storage, cell.run, cell.subset).exists():
         return None
     return pl.from_arrow(stored)

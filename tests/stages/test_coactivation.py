@@ -262,7 +262,7 @@ def test_rerun_skips_overwrite_recounts_and_engines_agree(counted, masks):
 
 
 def test_rerun_of_a_finished_stage_writes_nothing(counted):
-    part = coact.part_path(counted, "coactivation_pairs", "c", "part-0")
+    part = tables.part_path(counted, "coactivation_pairs", "c", "part-0")
     before = part.stat().st_mtime_ns, sorted((counted.run_dir("c") / "stages").iterdir())
     result = run(CoactivationConfig(run="c", engine="sql", quiet=True), counted)  # engine: not hashed
     assert result.counted == [] and result.skipped == [(0, 1), (1, 2)]

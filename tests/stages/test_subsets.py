@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.core import coact
+from pipeline.core import coact, tables
 from pipeline.core.errors import UserError
 from pipeline.core.storage import Storage, marker_path, read_json
 from pipeline.core.warehouse import connect
@@ -73,7 +73,7 @@ def test_markers_skip_reruns(counted):
     config = SubsetConfig(run="s", threshold=THRESHOLD, ratio=0.1, method="pagerank", quiet=True)
     first = run(config, counted)
     name = "pagerank_t0.7_r0.1"
-    files = [coact.part_path(counted, "subsets", "s", name), coact.subset_path(counted, "s", name)]
+    files = [tables.part_path(counted, "subsets", "s", name), coact.subset_path(counted, "s", name)]
     stamps = [p.stat().st_mtime_ns for p in files]
     marker = read_json(marker_path(counted, "s", "subset", name))
     assert marker["config"]["method"] == "pagerank" and marker["neurons"] == 12
