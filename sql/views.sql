@@ -63,3 +63,9 @@ select * from read_parquet('tables/universal_neurons/*/*.parquet', hive_partitio
 
 create or replace view universal_properties as
 select * from read_parquet('tables/universal_properties/*/*.parquet', hive_partitioning = true);
+
+create or replace view sign_stats as
+select * from read_parquet('tables/sign_stats/*/*.parquet', hive_partitioning = true);
+
+create or replace view sign_examples as
+select * from read_parquet('tables/sign_examples/*/*.parquet', hive_partitioning = true);

@@ -1,10 +1,15 @@
 """Zarr v3 arrays of a run: dense activations, bit-packed active masks, co-activation counts.
 
-    acts/L<l>        float16 [T, d_mlp]          (optional, `--store-acts`)
-    active/L<l>      uint8   [T, ceil(d_mlp/8)]  bit n%8 (little-endian) of byte n//8 = neuron n
-    coact/L<a>_L<b>  int64   [d_a, d_b]
+    acts/L<l>            float16 [T, d_mlp]          (optional, `--store-acts`)
+    active/L<l>          uint8   [T, ceil(d_mlp/8)]  bit n%8 (little-endian) of byte n//8 = neuron n,
+                                                     set iff the run's active rule holds
+    gate/L<l>, up/L<l>   uint8   [T, ceil(d_mlp/8)]  g > 0 and u > 0 of gated MLPs, packed alike
+    experts/L<l>         int16   [T, top_k]          experts each token was routed to (MoE layers)
+    expert_weights/L<l>  float16 [T, top_k]          their routing weights
+    included             uint8   [T, 1]              1 iff the row enters the accumulators
+    coact/L<a>_L<b>      int64   [d_a, d_b]
 
-Row r of every array is row r of the run's `tokens` table.
+Row r of every array but coact is row r of the run's `tokens` table.
 """
 
 from __future__ import annotations
@@ -50,14 +55,28 @@ def write_rows(array: zarr.Array, start: int, block: np.ndarray) -> None:
     array[start:stop] = block
 
 
+ROW_KINDS = ("acts", "active", "gate", "up", "experts", "expert_weights")  # groups of L<l> arrays
+INCLUDED = "included"
+
+
 def truncate_rows(group: zarr.Group, rows: int) -> None:
     """Cut every row array back to `rows` (drops rows written after the last commit)."""
-    for kind in ("acts", "active"):
-        if kind not in group:
-            continue
-        for _, array in group[kind].arrays():
-            if array.shape[0] != rows:
-                array.resize((rows, array.shape[1]))
+    row_arrays = [group[INCLUDED]] if INCLUDED in group else []
+    for kind in ROW_KINDS:
+        if kind in group:
+            row_arrays += [array for _, array in group[kind].arrays()]
+    for array in row_arrays:
+        if array.shape[0] != rows:
+            array.resize((rows, array.shape[1]))
+
+
+def included_rows(group: zarr.Group, start: int, stop: int) -> np.ndarray | None:
+    """Whether rows start..stop-1 enter the accumulators (bool); None when all do (also for runs
+    written before rows could be excluded)."""
+    if INCLUDED not in group:
+        return None
+    rows = group[INCLUDED][start:stop, 0].astype(bool)
+    return None if rows.all() else rows
 
 
 def pack_mask(active) -> np.ndarray:

@@ -195,15 +195,21 @@ def and_popcount(a, b, out):
 
 
 @njit(parallel=True, cache=CACHE, nogil=True)
-def moments_and_pack(x, thr, shift, sums, mn, mx, act, packed):
-    """One pass over a float32 block x [n, d]: float64 sums into sums [6, d] (rows: sums of x,
-    |x|, c, c^2, c^3, c^4 with c = x - shift, shift float64 [d]), min/max, active counts
-    (x > thr) and the packed active bits [n, ceil(d/8)].
+def moments_and_pack(x, key, thr, rows, routed, shift, sums, mn, mx, act, cnt, packed):
+    """One pass over a float32 block x [n, d]: the packed active bits (key > thr, key float32
+    [n, d]: x itself, |x|, the gate pre-activation or a 0/1 top-k mask) [n, ceil(d/8)], and, over
+    the accumulated entries, float64 sums into sums [6, d] (rows: sums of x, |x|, c, c^2, c^3, c^4
+    with c = x - shift, shift float64 [d]), min/max, active counts and entry counts cnt.
+
+    An entry (r, j) is accumulated iff rows[r] (uint8 [n]: the row is included) and it is routed
+    (routed uint8 [n, d], or [n, 0] when every neuron sees every row); a neuron that was not
+    routed a row is inactive there (its bit is 0) but an excluded row keeps its bits.
 
     Parallel over blocks of 64 neurons, each with local accumulators, so threads never share
     an output element and the result does not depend on the thread count.
     """
     n, d = x.shape
+    every = routed.shape[1] == 0
     block = 64
     for blk in prange((d + block - 1) // block):
         j0 = blk * block
@@ -218,23 +224,28 @@ def moments_and_pack(x, thr, shift, sums, mn, mx, act, packed):
         lo = np.full(block, np.inf)
         hi = np.full(block, -np.inf)
         ac = np.zeros(block, np.int64)
+        nc = np.zeros(block, np.int64)
         bits = np.zeros(block, np.uint8)
         for r in range(n):
+            keep_row = rows[r] != 0
             for k in range(w):
-                v = np.float64(x[r, j0 + k])
-                c = v - k0[k]
-                c2 = c * c
-                s1[k] += v
-                sa[k] += abs(v)
-                p1[k] += c
-                p2[k] += c2
-                p3[k] += c2 * c
-                p4[k] += c2 * c2
-                lo[k] = min(lo[k], v)
-                hi[k] = max(hi[k], v)
-                on = x[r, j0 + k] > thr
-                ac[k] += on
+                reached = every or routed[r, j0 + k] != 0
+                on = reached and key[r, j0 + k] > thr
                 bits[k] = on
+                if keep_row and reached:
+                    v = np.float64(x[r, j0 + k])
+                    c = v - k0[k]
+                    c2 = c * c
+                    s1[k] += v
+                    sa[k] += abs(v)
+                    p1[k] += c
+                    p2[k] += c2
+                    p3[k] += c2 * c
+                    p4[k] += c2 * c2
+                    lo[k] = min(lo[k], v)
+                    hi[k] = max(hi[k], v)
+                    ac[k] += on
+                    nc[k] += 1
             for b in range((w + 7) // 8):
                 byte = 0
                 for k in range(8):
@@ -251,3 +262,4 @@ def moments_and_pack(x, thr, shift, sums, mn, mx, act, packed):
             mn[j0 + k] = min(mn[j0 + k], lo[k])
             mx[j0 + k] = max(mx[j0 + k], hi[k])
             act[j0 + k] += ac[k]
+            cnt[j0 + k] += nc[k]

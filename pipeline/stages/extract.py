@@ -7,8 +7,11 @@
 Per run it writes, in bounded memory:
     tables/tokens/run_id=<run>/part-<first row>.parquet   one row per token
     runs/<run>/arrays.zarr/active/L<l>                      bit-packed active masks (always)
+    runs/<run>/arrays.zarr/gate/L<l>, up/L<l>               g > 0 and u > 0 masks (gated MLPs)
+    runs/<run>/arrays.zarr/experts/L<l>, expert_weights/L<l> routing (mixture-of-experts layers)
+    runs/<run>/arrays.zarr/included                         rows that enter the accumulators
     runs/<run>/arrays.zarr/acts/L<l>                        float16 activations (--store-acts)
-    tables/neuron_stats, tables/neurons, tables/runs       at the end
+    tables/neuron_stats, neurons, runs (+ sign_stats, sign_examples of gated MLPs) at the end
     runs/<run>/stages/extract.json                          completion marker, last
 Work is committed every few thousand tokens (run.json records the committed rows and the
 accumulator state), so a killed run resumes on the same command and ends with exactly the
@@ -18,6 +21,7 @@ type and input file; otherwise it is refused (--overwrite starts the run again).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -37,6 +41,7 @@ from pipeline.core import arrays, tables
 from pipeline.core.config import (
     ModelOptions,
     Progress,
+    RowFilter,
     Stage,
     WindowOptions,
     at_least,
@@ -54,7 +59,8 @@ from pipeline.core.storage import (
     validate_run_id,
     write_json,
 )
-from pipeline.kernels.accumulators import NeuronMoments, load_states, save_states
+from pipeline.kernels.accumulators import NeuronMoments, SignStats, load_states, save_states
+from pipeline.kernels.active import RULES, ActiveRule, check_threshold, run_rule
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +70,7 @@ RESOLVED = ("dtype", "device_type", "input_fingerprint")  # hashed beside the co
 
 
 @dataclass(kw_only=True)
-class ExtractConfig(ModelOptions, WindowOptions, Progress):
+class ExtractConfig(ModelOptions, WindowOptions, RowFilter, Progress):
     corpus: str | None = opt(None, help="stdlib, stdlib:heldout, a .txt/.jsonl/.parquet/.csv "
                              "file, or a datasets hub name (default stdlib unless --prompts)")
     # hashed here: a resume counts its work in batches, and batch shapes change the float sums
@@ -74,7 +80,14 @@ class ExtractConfig(ModelOptions, WindowOptions, Progress):
     temperature: float = opt(0.8, help="sampling temperature of generation; 0 = greedy")
     top_k: int = opt(0, help="sample among the k most likely tokens; 0 = all")
     layers: str | None = opt(None, help="layers to record: '0-3', '0,2,5' or all (default)")
-    active_threshold: float = opt(0.0, help="a neuron is active iff its activation > this")
+    active_rule: str | None = opt(None, choices=RULES, help="when a neuron is active: value "
+                                  "(a > t), gate (g > t, gated MLPs), abs (|a| > t), topk (the "
+                                  "--topk largest |a| of a token in a layer); default gate for "
+                                  "gated MLPs, value otherwise")
+    active_threshold: float = opt(0.0, help="t of the active rule")
+    topk: int | None = opt(None, help="K of --active-rule topk")
+    sign_examples: int = opt(5, help="top-|a| examples kept per neuron and sign combination "
+                             "of g and u (gated MLPs; 0 = none)")
     store_acts: bool = opt(False, help="also store dense float16 activations")
     acts_layers: str | None = opt(None, help="layers whose dense activations are stored "
                                   "(with --store-acts; default all recorded layers)")
@@ -95,7 +108,10 @@ class ExtractConfig(ModelOptions, WindowOptions, Progress):
         if not self.corpus and not self.prompts:
             self.corpus = "stdlib"
         self.check_windows()
+        self.check_rows()
+        check_threshold(self.active_threshold)
         at_least(self, 1, "chunk_tokens")
+        at_least(self, 0, "sign_examples")
         if self.commit_seconds < 0:
             raise UserError("--commit-seconds must be >= 0 (0 = commit every --chunk-tokens rows)")
         if self.temperature < 0:
@@ -186,6 +202,8 @@ class ExtractPlan:
     chunk_rows: int
     committed_rows: int
     input: str
+    rule: ActiveRule
+    framing: dict = field(default_factory=dict)  # the windows' fixed tokens, resolved
     loaded: Any = field(default=None, repr=False)      # LoadedModel (None when finished)
     units: Iterator[Unit] | None = field(default=None, repr=False)
     prompts: list | None = field(default=None, repr=False)
@@ -196,8 +214,19 @@ class ExtractPlan:
         return {l: self.model["widths"][l] for l in self.layers}
 
     @property
+    def gated(self) -> bool:
+        return bool(self.model.get("gated"))
+
+    @property
+    def top_k(self) -> dict[int, int]:
+        """Experts per token of each recorded mixture-of-experts layer."""
+        per_layer = self.model.get("top_k") or [0] * self.model["n_layers"]
+        return {l: per_layer[l] for l in self.layers if per_layer[l]}
+
+    @property
     def mask_bytes_per_token(self) -> int:
-        return sum(arrays.packed_width(w) for w in self.widths.values())
+        masks = 3 if self.gated else 1  # active, and g > 0, u > 0 of gated MLPs
+        return masks * sum(arrays.packed_width(w) for w in self.widths.values()) + 1
 
     @property
     def dense_bytes_per_token(self) -> int:
@@ -226,7 +255,10 @@ class ExtractPlan:
             f"  model        {m['name']} ({m['source']}, {m['family']}), revision "
             f"{m['revision'] or 'default'}",
             f"  device       {self.device}, {self.resolved['dtype']}",
+            f"  active       {self.rule.describe()} ({self.rule.rule} rule)"
+            + ("; g > 0 and u > 0 masks kept" if self.gated else ""),
             f"  input        {self.input}",
+            f"  framing      {self._framing()}",
             f"  rows         {self.total_rows:,} token rows (at most), chunks of {self.chunk_rows:,}",
             f"  layers       {_spans(self.layers)} of {m['n_layers']} ({neurons:,} neurons); "
             f"dense fp16: {_spans(self.dense_layers) or 'none'}",
@@ -235,6 +267,15 @@ class ExtractPlan:
             f"  disk needed  {_size(self.disk_needed)} (uncompressed upper bound)",
             f"  status       {resume}",
         ])
+
+
+    def _framing(self) -> str:
+        f = self.framing
+        if not f:
+            return "as recorded"
+        ends = (f"prefix {f['prefix']}" if f["prefix"] else "no prefix") + (
+            f", suffix {f['suffix']}" if f["suffix"] else "")
+        return f"{ends}; windows {f['window_mode']}"
 
 
 def _spans(layers: list[int]) -> str:
@@ -329,7 +370,8 @@ def plan(config: ExtractConfig, storage: Storage) -> ExtractPlan:
             status=status, existing=existing, model=m, layers=m["layers"],
             dense_layers=m["dense_layers"], total_rows=existing["rows"],
             chunk_rows=config.chunk_tokens, committed_rows=existing["rows"],
-            input=_describe_input(config))
+            input=_describe_input(config), rule=run_rule(existing),
+            framing=existing.get("framing", {}))
     return _plan_work(config, storage, device, resolved, key, status, existing)
 
 
@@ -341,13 +383,25 @@ def _plan_work(config, storage, device, resolved, key, status, existing) -> Extr
     loaded = load_model(config.model, config.revision, storage=storage,
                         for_generation=prompts is not None, **config.model_kwargs())
     layers = parse_layers(config.layers, loaded.n_layers)
+    rule = ActiveRule.resolve(config.active_rule, config.active_threshold, config.topk,
+                              gated=loaded.adapter.gated, widths=[loaded.widths[l] for l in layers])
+    from pipeline.core.inputs import framing_for
+
+    frame = framing_for(loaded.tokenizer, causal=loaded.is_causal,
+                        prepend_bos=config.prepend_bos, window_mode=config.window_mode)
+    framing = {"prefix": list(frame.prefix), "suffix": list(frame.suffix),
+               "separator": frame.separator, "window_mode": frame.mode}
+    limit = context_length(loaded.model.config)
+    if prompts is None and limit and config.max_length > limit:
+        raise UserError(f"--max-length {config.max_length} is beyond the model's context of "
+                        f"{limit} positions: pass --max-length {limit} or less")
     dense_layers = [] if not config.store_acts else (  # default: every recorded layer
         parse_layers(config.acts_layers, loaded.n_layers) if config.acts_layers else layers)
     if set(dense_layers) - set(layers):
         raise UserError(f"--acts-layers {config.acts_layers!r} names layers not in --layers "
                         f"{config.layers!r}: store dense activations only of recorded layers")
     if prompts is None:
-        units, encoded = _corpus_units(config, loaded.tokenizer), None
+        units, encoded = _corpus_units(config, loaded), None
         total = config.num_samples * config.max_length
         rows_per_unit = config.batch_size * config.max_length
         chunk_rows = rows_per_unit * max(1, round(config.chunk_tokens / rows_per_unit))
@@ -359,14 +413,30 @@ def _plan_work(config, storage, device, resolved, key, status, existing) -> Extr
     model = {"name": config.model, "revision": loaded.revision, "source": loaded.source,
              "path": str(loaded.path) if loaded.path else None, "family": loaded.adapter.family,
              "n_layers": loaded.n_layers, "widths": loaded.widths, "layers": layers,
-             "dense_layers": dense_layers, "sites": [loaded.sites[l].name for l in layers]}
+             "dense_layers": dense_layers, "sites": [loaded.sites[l].name for l in layers],
+             "gated": loaded.adapter.gated, "top_k": routing_width(loaded)}
     committed = existing["committed"]["rows"] if status == "resume" else 0
     return ExtractPlan(
         run_id=config.run_id, config_hash=key, resolved=resolved, device=device, status=status,
         existing=existing, model=model, layers=layers, dense_layers=dense_layers,
         total_rows=total, chunk_rows=chunk_rows, committed_rows=committed,
-        input=_describe_input(config), loaded=loaded, units=units, prompts=prompts,
+        input=_describe_input(config), rule=rule, framing=framing, loaded=loaded, units=units, prompts=prompts,
         encoded=encoded)
+
+
+def context_length(model_config) -> int | None:
+    """Positions the model can take (None when its config does not say)."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def routing_width(loaded) -> list[int]:
+    """Experts chosen per token at each layer (0 for dense layers)."""
+    k = int(getattr(loaded.model.config, "num_experts_per_tok", 0) or 0)
+    return [k if getattr(site, "expert", None) is not None and k else 0 for site in loaded.sites]
 
 
 def _describe_input(config: ExtractConfig) -> str:
@@ -376,11 +446,11 @@ def _describe_input(config: ExtractConfig) -> str:
             f", {config.batch_size} per forward")
 
 
-def _corpus_units(config: ExtractConfig, tokenizer) -> Iterator[Unit]:
+def _corpus_units(config: ExtractConfig, loaded) -> Iterator[Unit]:
     """Batches of corpus windows; the first window is read at once (a bad corpus fails here)."""
     from pipeline.core.inputs import corpus_windows
 
-    windows = corpus_windows(config, tokenizer)
+    windows = corpus_windows(config, loaded.tokenizer, causal=loaded.is_causal)
     return _batches(windows, config.batch_size)
 
 
@@ -401,9 +471,13 @@ def _batches(windows: Iterator[list[int]], batch_size: int) -> Iterator[Unit]:
 def _encode_prompts(config: ExtractConfig, loaded, prompts) -> list[list[int]]:
     if not loaded.is_causal:
         raise UserError(f"model {config.model!r} is an encoder and cannot generate: use --corpus")
-    encoded = [loaded.tokenizer(p.text)["input_ids"] for p in prompts]
-    limit = getattr(loaded.model.config, "max_position_embeddings", None) or getattr(
-        loaded.model.config, "n_positions", None)
+    from pipeline.core.inputs import framing_for
+
+    # the prompt is framed as the corpus windows are: BOS first where the model was trained so
+    prefix = list(framing_for(loaded.tokenizer, causal=True, prepend_bos=config.prepend_bos).prefix)
+    encoded = [prefix + loaded.tokenizer(p.text, add_special_tokens=False)["input_ids"]
+               for p in prompts]
+    limit = context_length(loaded.model.config)
     for i, (p, ids) in enumerate(zip(prompts, encoded)):
         if limit and len(ids) + p.new_tokens > limit:
             raise UserError(f"prompt {i} needs {len(ids) + p.new_tokens} positions but the "
@@ -431,23 +505,15 @@ class _TokenText:
 
 
 class _Writer:
-    """Buffers one commit's rows, then writes masks, activations, tokens, state and manifest."""
+    """Buffers one commit's rows, then writes the row arrays, tokens, state and manifest."""
 
-    def __init__(self, storage: Storage, run_id: str, manifest: dict, group, layers: list[int],
-                 dense_layers: list[int], widths: dict[int, int], chunk_rows: int,
-                 moments: dict[int, NeuronMoments], write_threads: int = 1):
+    def __init__(self, storage: Storage, run_id: str, manifest: dict, group, specs: dict,
+                 chunk_rows: int, moments: dict[int, NeuronMoments], signs: dict[int, SignStats],
+                 write_threads: int = 1):
         self.storage, self.run_id, self.manifest, self.group = storage, run_id, manifest, group
-        self.layers, self.dense_layers, self.moments = layers, dense_layers, moments
-        self.active = {
-            l: arrays.ensure_rows_array(group, f"active/L{l}", width=arrays.packed_width(widths[l]),
-                                        dtype="uint8", chunk_rows=chunk_rows, compress=True)
-            for l in layers
-        }
-        self.acts = {
-            l: arrays.ensure_rows_array(group, f"acts/L{l}", width=widths[l], dtype="float16",
-                                        chunk_rows=chunk_rows, compress=False)
-            for l in dense_layers
-        }
+        self.moments, self.signs = moments, signs
+        self.arrays = {name: arrays.ensure_rows_array(group, name, chunk_rows=chunk_rows, **spec)
+                       for name, spec in specs.items()}
         self.next_row = manifest["committed"]["rows"]
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -455,20 +521,15 @@ class _Writer:
         self._reset()
 
     def _reset(self) -> None:
-        self.packed: dict[int, list[np.ndarray]] = {l: [] for l in self.layers}
-        self.dense: dict[int, list[np.ndarray]] = {l: [] for l in self.dense_layers}
+        self.blocks: dict[str, list[np.ndarray]] = {name: [] for name in self.arrays}
         self.token_cols: list[dict[str, np.ndarray]] = []
         self.rows = 0
         self.nbytes = 0
         self.started = time.perf_counter()
 
-    def add(self, packed: dict[int, np.ndarray], dense: dict[int, np.ndarray],
-            token_cols: dict[str, Any]) -> None:
-        for l, block in packed.items():
-            self.packed[l].append(block)
-            self.nbytes += block.nbytes
-        for l, block in dense.items():
-            self.dense[l].append(block)
+    def add(self, blocks: dict[str, np.ndarray], token_cols: dict[str, Any]) -> None:
+        for name, block in blocks.items():
+            self.blocks[name].append(block)
             self.nbytes += block.nbytes
         self.token_cols.append(token_cols)
         self.rows += len(token_cols["row"])
@@ -489,11 +550,11 @@ class _Writer:
         self.wait()
         start = self.next_row
         job = dict(start=start, rows=self.rows, units=units_done, samples=samples,
-                   packed={l: np.concatenate(b) for l, b in self.packed.items() if b},
-                   dense={l: np.concatenate(b) for l, b in self.dense.items() if b},
+                   blocks={n: np.concatenate(b) for n, b in self.blocks.items() if b},
                    tokens={k: np.concatenate([c[k] for c in self.token_cols])
                            for k in self.token_cols[0]} if self.token_cols else None,
-                   moments={l: m.copy() for l, m in self.moments.items()})
+                   moments={l: m.copy() for l, m in self.moments.items()},
+                   signs={l: copy.deepcopy(s) for l, s in self.signs.items()})
         self.next_row = start + self.rows
         self._reset()
         self._thread = threading.Thread(target=self._write, args=(job,), daemon=True)
@@ -518,8 +579,7 @@ class _Writer:
     def _write(self, job: dict) -> None:
         try:
             start = job["start"]
-            writes = [(self.active[l], block) for l, block in job["packed"].items()]
-            writes += [(self.acts[l], block) for l, block in job["dense"].items()]
+            writes = [(self.arrays[name], block) for name, block in job["blocks"].items()]
             # one array per thread where the forward runs on an accelerator: compression and
             # file writes release the GIL, and these writes, not the forward, bound the rate
             list(self._pool.map(lambda w: arrays.write_rows(w[0], start, w[1]), writes))
@@ -529,7 +589,7 @@ class _Writer:
             committed = self.manifest["committed"]
             state_dir = self.storage.run_dir(self.run_id) / "state"
             state_name = f"moments-{start + job['rows']:012d}.npz"
-            save_states(state_dir / state_name, job["moments"])
+            save_states(state_dir / state_name, job["moments"], job["signs"])
             old_state = committed.get("state")
             committed.update(rows=start + job["rows"], units=job["units"],
                              samples=job["samples"], state=state_name)
@@ -572,17 +632,31 @@ def run(config: ExtractConfig, storage: Storage) -> ExtractResult:
     from pipeline.kernels.threads import thread_split
 
     with thread_split(p.loaded.device.type) as threads:
-        manifest, moments = open_manifest(p, config, storage, threads)
-        rows, samples = extract_units(p, config, storage, manifest, moments)
-    finish(p, config, storage, manifest, moments, rows, samples)
+        manifest, acc = open_manifest(p, config, storage, threads)
+        rows, samples = extract_units(p, config, storage, manifest, acc)
+    finish(p, config, storage, manifest, acc, rows, samples)
     marker.write(to_dict(config), p.config_hash, rows=rows, samples=samples)
     log.info("run %s: %d rows in %.1f s (%.0f tok/s)", p.run_id, rows,
              manifest["timings"]["seconds"], manifest["timings"]["tokens_per_s"])
     return ExtractResult(p.run_id, storage.run_dir(p.run_id), manifest)
 
 
+@dataclass
+class Accumulators:
+    """The per-layer sums of a run: moments of every layer, sign combinations of gated ones."""
+
+    moments: dict[int, NeuronMoments]
+    signs: dict[int, SignStats]
+
+    @classmethod
+    def empty(cls, p: ExtractPlan, config: ExtractConfig) -> Accumulators:
+        return cls({l: NeuronMoments(w, p.rule.key_threshold) for l, w in p.widths.items()},
+                   {l: SignStats(w, config.sign_examples) for l, w in p.widths.items()}
+                   if p.gated else {})
+
+
 def open_manifest(p: ExtractPlan, config: ExtractConfig, storage: Storage,
-                  threads: dict) -> tuple[dict, dict[int, NeuronMoments]]:
+                  threads: dict) -> tuple[dict, Accumulators]:
     """A new run's manifest and empty accumulators, or a resumed run's committed state (rows
     written after the last commit are dropped)."""
     if p.status != "resume":
@@ -590,20 +664,22 @@ def open_manifest(p: ExtractPlan, config: ExtractConfig, storage: Storage,
         manifest = {
             "run_id": p.run_id, "status": "running", "config": to_dict(config),
             "config_hash": p.config_hash, "resolved": p.resolved, "threads": threads,
-            "versions": library_versions(), "model": p.model,
+            "versions": library_versions(), "model": p.model, "active": p.rule.record(),
+            "framing": p.framing,
             "committed": {"rows": 0, "units": 0, "samples": 0, "state": None},
             "timings": {"started": _now(), "seconds": 0.0},
         }
         write_json(storage.run_manifest(p.run_id), manifest)
-        moments = {l: NeuronMoments(w, config.active_threshold) for l, w in p.widths.items()}
+        acc = Accumulators.empty(p, config)
         log.info("run %s: extracting %s", p.run_id, p.input)
     else:
         manifest = p.existing
         manifest["threads"] = threads
         committed = manifest["committed"]
         state = committed.get("state")
-        moments = (load_states(storage.run_dir(p.run_id) / "state" / state, p.layers) if state
-                   else {l: NeuronMoments(w, config.active_threshold) for l, w in p.widths.items()})
+        acc = (Accumulators(*load_states(storage.run_dir(p.run_id) / "state" / state, p.layers,
+                                         signs=p.gated))
+               if state else Accumulators.empty(p, config))
         for part in storage.table_partition("tokens", p.run_id).glob("part-*.parquet"):
             if int(part.stem.split("-")[1]) >= committed["rows"]:
                 part.unlink()  # written after the last commit
@@ -614,22 +690,24 @@ def open_manifest(p: ExtractPlan, config: ExtractConfig, storage: Storage,
                 clean_temporaries(folder)
         log.info("run %s: resuming after %d committed rows", p.run_id, committed["rows"])
     arrays.truncate_rows(arrays.open_group(storage.arrays(p.run_id)), manifest["committed"]["rows"])
-    return manifest, moments
+    return manifest, acc
 
 
 def extract_units(p: ExtractPlan, config: ExtractConfig, storage: Storage, manifest: dict,
-                  moments: dict[int, NeuronMoments]) -> tuple[int, int]:
+                  acc: Accumulators) -> tuple[int, int]:
     """The forward loop over the units not yet committed; returns (rows, samples) in the end."""
     import torch
     from tqdm.auto import tqdm
 
-    from pipeline.models.hooks import capture_neurons
+    from pipeline.core.inputs import TokenClasses
+    from pipeline.models.hooks import capture_blocks
 
     loaded = p.loaded
-    writer = _open_writer(p, storage, manifest, moments)
+    writer = _open_writer(p, storage, manifest, acc)
     if loaded.device.type == "cpu":
         import pipeline.kernels.bitkernels  # noqa: F401  (import numba, load the compiled kernels before the clock starts)
     token_text = _TokenText(loaded.tokenizer)
+    classes = TokenClasses(loaded.tokenizer)
     base = loaded.adapter.base_model(loaded.model)
     committed = manifest["committed"]
     done_units, row, sample = committed["units"], committed["rows"], committed["samples"]
@@ -638,18 +716,21 @@ def extract_units(p: ExtractPlan, config: ExtractConfig, storage: Storage, manif
                disable=not config.progress, desc=f"extract {p.run_id}", smoothing=0.1)
     captured: dict[int, Any] = {}
     try:
-        with torch.inference_mode(), capture_neurons(
-            loaded.sites, p.layers, on_batch=lambda l, x: captured.__setitem__(l, x)
+        with torch.inference_mode(), capture_blocks(
+            loaded.adapter, loaded.model, loaded.sites, p.layers,
+            on_block=lambda l, b: captured.__setitem__(l, b)
         ):
             for unit in p.units:
                 if unit.index < done_units:
                     continue  # committed before an interruption
                 ids = _unit_ids(p, config, unit)
+                included = classes.included(ids.numpy(), config.excluded_classes,
+                                            config.skip_positions)
                 captured.clear()
                 base(input_ids=ids.to(loaded.device))
-                packed, dense, num_active = _reduce(p, captured, moments, ids.numel())
-                writer.add(packed, dense, token_columns(p, unit, ids, row, sample, num_active,
-                                                        token_text))
+                blocks, num_active = _reduce(p, captured, acc, ids.numel(), row, included)
+                writer.add(blocks, token_columns(p, unit, ids, row, sample, num_active,
+                                                 token_text, included))
                 row, sample = row + ids.numel(), sample + ids.shape[0]
                 bar.update(ids.numel())
                 if writer.due(p.chunk_rows, config.commit_seconds):
@@ -664,12 +745,28 @@ def extract_units(p: ExtractPlan, config: ExtractConfig, storage: Storage, manif
     return row, sample
 
 
-def _open_writer(p: ExtractPlan, storage: Storage, manifest: dict,
-                 moments: dict[int, NeuronMoments]) -> _Writer:
+def row_arrays(p: ExtractPlan) -> dict[str, dict]:
+    """Name -> (width, dtype, compression) of every row array the run writes."""
+    packed = dict(dtype="uint8", compress=True)
+    specs = {arrays.INCLUDED: dict(width=1, **packed)}
+    for l in p.layers:
+        width = arrays.packed_width(p.widths[l])
+        for kind in ("active", "gate", "up") if p.gated else ("active",):
+            specs[f"{kind}/L{l}"] = dict(width=width, **packed)
+        if l in p.top_k:
+            specs[f"experts/L{l}"] = dict(width=p.top_k[l], dtype="int16", compress=True)
+            specs[f"expert_weights/L{l}"] = dict(width=p.top_k[l], dtype="float16",
+                                                 compress=True)
+    for l in p.dense_layers:
+        specs[f"acts/L{l}"] = dict(width=p.widths[l], dtype="float16", compress=False)
+    return specs
+
+
+def _open_writer(p: ExtractPlan, storage: Storage, manifest: dict, acc: Accumulators) -> _Writer:
     # on the CPU the forward needs every core: one writer thread; on a GPU several
     write_threads = 1 if p.loaded.device.type == "cpu" else min(8, os.cpu_count() or 1)
     return _Writer(storage, p.run_id, manifest, arrays.open_group(storage.arrays(p.run_id)),
-                   p.layers, p.dense_layers, p.widths, p.chunk_rows, moments, write_threads)
+                   row_arrays(p), p.chunk_rows, acc.moments, acc.signs, write_threads)
 
 
 def _unit_ids(p: ExtractPlan, config: ExtractConfig, unit: Unit):
@@ -685,23 +782,43 @@ def _unit_ids(p: ExtractPlan, config: ExtractConfig, unit: Unit):
                     device=p.loaded.device).cpu()
 
 
-def _reduce(p: ExtractPlan, captured: dict, moments: dict[int, NeuronMoments], n: int):
-    """Accumulate one forward's activations; (packed masks, fp16 blocks, active count per row)."""
+def _reduce(p: ExtractPlan, captured: dict, acc: Accumulators, n: int, row: int,
+            included: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Accumulate one forward's neurons; (row-array blocks, active count per row)."""
     import torch
 
-    packed, dense = {}, {}
+    from pipeline.core.arrays import pack_mask
+
+    blocks = {arrays.INCLUDED: included.astype(np.uint8).reshape(n, 1)}
     num_active = np.zeros(n, np.int32)
+    rows = None if included.all() else torch.from_numpy(included)
     for l in p.layers:
-        acts = captured[l].reshape(n, p.model["widths"][l])
-        packed[l], active_per_row = moments[l].update_and_pack(acts)
-        num_active += active_per_row
+        b, width = captured[l], p.widths[l]
+        a = b.a.reshape(n, width)
+        g = None if b.g is None else b.g.reshape(n, width)
+        u = None if b.u is None else b.u.reshape(n, width)
+        routed = None if b.routed is None else b.routed.reshape(n, width)
+        key = None if p.rule.rule == "value" else p.rule.key(a, g)
+        if rows is not None and rows.device != a.device:
+            rows = rows.to(a.device)
+        blocks[f"active/L{l}"], per_row = acc.moments[l].update_and_pack(a, key, rows, routed)
+        num_active += per_row
+        if p.gated:
+            blocks[f"gate/L{l}"] = pack_mask(g > 0)
+            blocks[f"up/L{l}"] = pack_mask(u > 0)
+            acc.signs[l].update(a, g, u, row, rows=rows, routed=routed)
+        if l in p.top_k:
+            blocks[f"experts/L{l}"] = b.experts.reshape(n, -1).to(torch.int16).cpu().numpy()
+            blocks[f"expert_weights/L{l}"] = (b.expert_weights.reshape(n, -1)
+                                              .to(torch.float16).cpu().numpy())
         if l in p.dense_layers:
-            dense[l] = acts.to(torch.float16).cpu().numpy()
-    return packed, dense, num_active
+            blocks[f"acts/L{l}"] = a.to(torch.float16).cpu().numpy()
+    return blocks, num_active
 
 
 def token_columns(p: ExtractPlan, unit: Unit, ids, row: int, sample: int,
-                  num_active: np.ndarray, token_text: _TokenText) -> dict[str, np.ndarray]:
+                  num_active: np.ndarray, token_text: _TokenText,
+                  included: np.ndarray) -> dict[str, np.ndarray]:
     """The tokens table rows of one unit (schemas/tokens.json)."""
     n_seq, length = ids.shape
     n = n_seq * length
@@ -719,23 +836,31 @@ def token_columns(p: ExtractPlan, unit: Unit, ids, row: int, sample: int,
         "token": np.array(token_text(ids_np), dtype=object),
         "generated": positions >= unit.prompt_len if is_prompt else np.zeros(n, bool),
         "num_active": num_active,
+        "included": included,
     }
 
 
 def finish(p: ExtractPlan, config: ExtractConfig, storage: Storage, manifest: dict,
-           moments: dict[int, NeuronMoments], rows: int, samples: int) -> None:
-    """neuron_stats, neurons and runs tables, then the manifest's finished status."""
-    stats, neurons = neuron_tables(p, moments)
+           acc: Accumulators, rows: int, samples: int) -> None:
+    """neuron_stats, neurons, sign tables and runs, then the manifest's finished status."""
+    stats, neurons = neuron_tables(p, acc.moments)
     tables.write_part(storage, "neuron_stats", p.run_id, stats)
     tables.write_part(storage, "neurons", p.run_id, neurons)
+    if p.gated:
+        sign_stats, sign_examples = sign_tables(p, acc.signs)
+        tables.write_part(storage, "sign_stats", p.run_id, sign_stats)
+        tables.write_part(storage, "sign_examples", p.run_id, sign_examples)
     timings = manifest["timings"]
     timings.update(finished=_now(), tokens_per_s=rows / max(timings["seconds"], 1e-9))
+    group = arrays.open_group(storage.arrays(p.run_id), mode="r")
+    num_included = int(group[arrays.INCLUDED][:].sum()) if rows else 0
     tables.write_part(storage, "runs", p.run_id, {
         "model": [config.model], "revision": [p.model["revision"]], "source": [p.model["source"]],
         "input_kind": [config.input_kind], "input": [config.prompts or config.corpus],
         "num_rows": [rows], "num_samples": [samples], "num_layers": [len(p.layers)],
-        "num_neurons": [int(sum(p.widths.values()))],
-        "active_threshold": [config.active_threshold], "finished_at": [timings["finished"]],
+        "num_neurons": [int(sum(p.widths.values()))], "active_rule": [p.rule.rule],
+        "active_threshold": [p.rule.threshold], "topk": [p.rule.topk],
+        "num_included": [num_included], "finished_at": [timings["finished"]],
         "seconds": [timings["seconds"]],
     })
     state = manifest["committed"].get("state")
@@ -746,23 +871,45 @@ def finish(p: ExtractPlan, config: ExtractConfig, storage: Storage, manifest: di
         shutil.rmtree(storage.run_dir(p.run_id) / "state", ignore_errors=True)
 
 
+def _ids(p: ExtractPlan, l: int, width: int) -> dict[str, np.ndarray]:
+    return {"neuron_id": p.loaded.layer_offsets[l] + np.arange(width, dtype=np.int64),
+            "layer": np.full(width, l, np.int32), "neuron": np.arange(width, dtype=np.int32)}
+
+
 def neuron_tables(p: ExtractPlan, moments: dict[int, NeuronMoments]) -> tuple[dict, dict]:
-    """Columns of neuron_stats (the accumulators) and neurons (ids, offsets, sites)."""
+    """Columns of neuron_stats (the accumulators) and neurons (ids, offsets, sites, experts)."""
     stats: dict[str, list[np.ndarray]] = {}
     neurons: dict[str, list] = {}
     offsets = p.loaded.layer_offsets
     for l in p.layers:
         width = moments[l].width
-        index = {"neuron_id": offsets[l] + np.arange(width, dtype=np.int64),
-                 "layer": np.full(width, l, np.int32), "neuron": np.arange(width, dtype=np.int32)}
+        index = _ids(p, l, width)
         for k, v in {**index, **moments[l].columns()}.items():
             stats.setdefault(k, []).append(v)
+        site = p.loaded.sites[l]
+        expert = getattr(site, "expert", None)
         for k, v in {**index, "layer_offset": np.full(width, offsets[l], np.int64),
                      "layer_width": np.full(width, width, np.int32),
-                     "site": np.full(width, p.loaded.sites[l].name, object)}.items():
+                     "expert": (np.full(width, -1, np.int16) if expert is None
+                                else np.asarray(expert, np.int16)),
+                     "site": np.full(width, site.name, object)}.items():
             neurons.setdefault(k, []).append(v)
     return ({k: np.concatenate(v) for k, v in stats.items()},
             {k: np.concatenate(v) for k, v in neurons.items()})
+
+
+def sign_tables(p: ExtractPlan, signs: dict[int, SignStats]) -> tuple[dict, dict]:
+    """Columns of sign_stats and sign_examples over the recorded layers."""
+    out: tuple[dict[str, list], dict[str, list]] = ({}, {})
+    for l in p.layers:
+        offset = p.loaded.layer_offsets[l]
+        for table, columns in zip(out, signs[l].tables()):
+            n = len(columns["neuron"])
+            ids = {"neuron_id": offset + columns["neuron"].astype(np.int64),
+                   "layer": np.full(n, l, np.int32)}
+            for k, v in {**ids, **columns}.items():
+                table.setdefault(k, []).append(v)
+    return tuple({k: np.concatenate(v) for k, v in t.items()} for t in out)  # type: ignore[return-value]
 
 
 def _now() -> str:

@@ -175,10 +175,10 @@ def test_state_roundtrip_keeps_the_shift(tmp_path, path):
     x = _large_mean_data(60)
     m = _feed(NeuronMoments(3, 0.1), [x[:20]], path)
     save_states(tmp_path / "s.npz", {3: m, 4: NeuronMoments(2)})
-    back = load_states(tmp_path / "s.npz", [3, 4])
+    back, _ = load_states(tmp_path / "s.npz", [3, 4])
     for k, v in m.columns().items():
         assert np.array_equal(back[3].columns()[k], v), k
-    assert back[3].active_threshold == 0.1 and back[4].shift is None and back[4].count == 0
+    assert back[3].active_threshold == 0.1 and back[4].shift is None and not back[4].count.any()
     # a resumed accumulator continues about the saved shift: as if never interrupted
     _feed(back[3], [x[20:]], path)
     _feed(m, [x[20:]], path)
@@ -186,10 +186,11 @@ def test_state_roundtrip_keeps_the_shift(tmp_path, path):
         assert np.array_equal(back[3].columns()[k], v), k
 
 
-def test_state_without_shift_is_a_user_error(tmp_path):
+@pytest.mark.parametrize("missing", ["L0/shift", "L0/count"])
+def test_state_of_an_older_version_is_a_user_error(tmp_path, missing):
     m = NeuronMoments(2)
     m.update(torch.ones(3, 2))
-    state = {k: v for k, v in m.state("L0").items() if k != "L0/shift"}
+    state = {k: v for k, v in m.state("L0").items() if k != missing}
     np.savez(tmp_path / "old.npz", **state)
     with pytest.raises(UserError, match="predate"):
         load_states(tmp_path / "old.npz", [0])
@@ -199,7 +200,85 @@ def test_empty_blocks_change_nothing():
     m = NeuronMoments(3)
     m.update(torch.zeros(0, 3))
     m.update_and_pack(torch.zeros(0, 3))
-    assert m.count == 0 and m.shift is None
+    assert not m.count.any() and m.shift is None
     x = _large_mean_data(10)
     m.update(torch.from_numpy(x))
     assert np.array_equal(m.columns()["shift"], _feed(NeuronMoments(3), [x], "torch").columns()["shift"])
+
+
+def _loop_stats(x, key, thr, rows, routed):
+    """Per-neuron count, sums, min, max and active count of the accumulated entries, by loops."""
+    n, d = x.shape
+    out = {k: np.zeros(d) for k in ("count", "sum", "sum_abs", "sq", "active")}
+    lo, hi = np.full(d, np.inf), np.full(d, -np.inf)
+    bits = np.zeros((n, d), bool)
+    for r in range(n):
+        for j in range(d):
+            reached = routed is None or routed[r, j]
+            bits[r, j] = reached and key[r, j] > thr
+            if rows[r] and reached:
+                v = float(x[r, j])
+                out["count"][j] += 1
+                out["sum"][j] += v
+                out["sum_abs"][j] += abs(v)
+                out["sq"][j] += v * v
+                out["active"][j] += bits[r, j]
+                lo[j], hi[j] = min(lo[j], v), max(hi[j], v)
+    return out, lo, hi, bits
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("with_routed", [False, True])
+def test_key_rows_and_routing_select_what_is_accumulated(path, with_routed):
+    """Active entries follow the key (here a gate-like array, not x), excluded rows keep their
+    mask bits but add nothing, unrouted entries are inactive and add nothing."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(37, 19)).astype(np.float32)
+    key = rng.normal(size=x.shape).astype(np.float32)
+    rows = rng.random(37) > 0.3
+    routed = rng.random(x.shape) > 0.5 if with_routed else None
+    m = NeuronMoments(19, 0.2)
+    packed_rows, per_row = [], []
+    for s in (slice(0, 10), slice(10, 37)):  # two blocks: the shift is the first block's
+        args = (torch.from_numpy(x[s]), torch.from_numpy(key[s]), torch.from_numpy(rows[s]),
+                None if routed is None else torch.from_numpy(routed[s]))
+        if path == "torch":
+            m.update(*args)
+        else:
+            packed, count = m.update_and_pack(*args)
+            packed_rows.append(packed)
+            per_row.append(count)
+    ref, lo, hi, bits = _loop_stats(x, key, 0.2, rows, routed)
+    c = m.columns()
+    assert np.array_equal(c["count"], ref["count"]) and np.array_equal(c["active_count"], ref["active"])
+    np.testing.assert_allclose(c["sum"], ref["sum"], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(c["sum_abs"], ref["sum_abs"], rtol=1e-12, atol=1e-12)
+    mean = ref["sum"] / np.maximum(ref["count"], 1)
+    var = ref["sq"] / np.maximum(ref["count"], 1) - mean ** 2
+    got = m.summary()
+    np.testing.assert_allclose(got["mean"], mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(got["var"], var, rtol=1e-9, atol=1e-12)
+    assert np.array_equal(c["min"], lo) and np.array_equal(c["max"], hi)
+    if path == "fused":
+        unpacked = np.unpackbits(np.concatenate(packed_rows), axis=1, bitorder="little")[:, :19]
+        assert np.array_equal(unpacked.astype(bool), bits)
+        assert np.array_equal(np.concatenate(per_row), bits.sum(1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 40), st.integers(0, 2 ** 16))
+def test_merge_of_halves_with_per_neuron_counts_is_one_pass(n, cut, seed):
+    rng = np.random.default_rng(seed)
+    cut = min(cut, n)
+    x = (rng.normal(size=(n, 5)) * 3 + 100).astype(np.float32)
+    routed = rng.random((n, 5)) > 0.4
+    whole, a, b = NeuronMoments(5), NeuronMoments(5), NeuronMoments(5)
+    whole.update(torch.from_numpy(x), routed=torch.from_numpy(routed))
+    a.update(torch.from_numpy(x[:cut]), routed=torch.from_numpy(routed[:cut]))
+    b.update(torch.from_numpy(x[cut:]), routed=torch.from_numpy(routed[cut:]))
+    merged, one = a.merge(b).columns(), whole.columns()
+    assert np.array_equal(merged["count"], routed.sum(0))
+    assert np.array_equal(merged["active_count"], one["active_count"])
+    got, ref = a.merge(b).summary(), whole.summary()
+    for k in ("mean", "var"):
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-9, atol=1e-9)

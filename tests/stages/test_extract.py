@@ -138,9 +138,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, micro_model_dir, c
                  "--run", "dry", "--dry-run", "--storage", str(root)])
     out = capsys.readouterr().out
     assert code == 0 and not root.exists()
-    # 3 layers of ceil(40 / 8) = 5 mask bytes, one dense fp16 layer of 40 x 2 bytes, 40 B tokens
-    assert "15 B masks + 80 B dense + ~40 B tokens row = 135 B" in out
-    assert f"{96 * 135 / 1024:.1f} KiB" in out and "new run" in out
+    # 3 layers of ceil(40 / 8) = 5 mask bytes + 1 byte of the included flag, one dense fp16 layer
+    # of 40 x 2 bytes, 40 B tokens
+    assert "16 B masks + 80 B dense + ~40 B tokens row = 136 B" in out
+    assert f"{96 * 136 / 1024:.1f} KiB" in out and "new run" in out
 
 
 def test_dry_run_of_a_partial_run_names_the_resume_point(tmp_path, micro_model_dir, corpus_file,
