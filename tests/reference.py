@@ -46,3 +46,33 @@ def text_file_windows(model_dir, path, *, length: int, count: int) -> np.ndarray
     for p in paragraphs:
         ids += tok(p, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     return np.array(ids[:length * count]).reshape(count, length)
+
+
+def gated_mlp_parts(model_dir, input_ids) -> dict[int, dict[str, np.ndarray]]:
+    """{layer: {"g", "u", "a"}} float32 [tokens, d_mlp] of a Llama-style model: the outputs of
+    mlp.gate_proj and mlp.up_proj and the input of mlp.down_proj, by hooks written here on a
+    fresh Hugging Face model."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.as_tensor(np.asarray(input_ids)).long()
+    ids = ids[None] if ids.ndim == 1 else ids
+    layers = model.model.layers
+    seen: dict[int, dict[str, torch.Tensor]] = {l: {} for l in range(len(layers))}
+
+    def keep(l, name, pre):
+        def hook(_m, args, out=None):
+            x = args[0] if pre else out
+            seen[l][name] = x.detach().reshape(-1, x.shape[-1])
+        return hook
+
+    handles = []
+    for l, block in enumerate(layers):
+        handles += [block.mlp.gate_proj.register_forward_hook(keep(l, "g", False)),
+                    block.mlp.up_proj.register_forward_hook(keep(l, "u", False)),
+                    block.mlp.down_proj.register_forward_pre_hook(keep(l, "a", True))]
+    try:
+        with torch.no_grad():
+            model.model(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return {l: {k: v.numpy() for k, v in parts.items()} for l, parts in seen.items()}

@@ -43,3 +43,21 @@ def save_random_gpt2(directory: Path, *, seed: int = 0, n_layer: int = 3, d_mode
     model = GPT2LMHeadModel(config)
     model.save_pretrained(directory, safe_serialization=True)
     return model, tok
+
+
+def save_random_llama(directory: Path, *, seed: int = 0, n_layer: int = 2, d_model: int = 32,
+                      n_head: int = 4, d_mlp: int = 48, max_positions: int = 64):
+    """A random Llama (gated SiLU MLP: a = silu(g) * u) with the small tokenizer, saved to
+    `directory` (safetensors)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer(directory)
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layer,
+                         num_attention_heads=n_head, num_key_value_heads=n_head // 2,
+                         vocab_size=len(tok), max_position_embeddings=max_positions,
+                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(directory, safe_serialization=True)
+    return model, tok
