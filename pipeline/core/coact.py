@@ -108,11 +108,23 @@ def active_counts(storage: Storage, run: str) -> dict[int, np.ndarray]:
 
 
 def _mask_active_counts(storage: Storage, run: str, layer: int, width: int, rows: int) -> np.ndarray:
-    mask = arrays.open_group(storage.arrays(run), mode="r")[f"active/L{layer}"]
+    group = arrays.open_group(storage.arrays(run), mode="r")
+    mask = group[f"active/L{layer}"]
     out = np.zeros(width, np.int64)
     for s in range(0, rows, MASK_BLOCK):
-        out += arrays.unpack_mask(mask[s:min(s + MASK_BLOCK, rows)], width).sum(axis=0)
+        stop = min(s + MASK_BLOCK, rows)
+        bits = arrays.unpack_mask(mask[s:stop], width)
+        kept = arrays.included_rows(group, s, stop)
+        out += (bits if kept is None else bits[kept]).sum(axis=0)
     return out
+
+
+def counted_rows(storage: Storage, run: str, rows: int) -> int:
+    """Token rows that entered a run's accumulators (T of the edge weights): its included rows."""
+    group = arrays.open_group(storage.arrays(run), mode="r")
+    if arrays.INCLUDED not in group:
+        return rows
+    return int(group[arrays.INCLUDED][:rows].sum())
 
 
 # -- the base graph of a run
@@ -158,7 +170,8 @@ def load_run_graph(storage: Storage, run: str) -> RunGraph:
             raise UserError(f"run {run!r}: the neurons table does not list neurons 0..{width - 1} "
                             f"of layer {l}: extract the run again")
     return RunGraph(run, offsets, ids, layer, neuron, active_counts(storage, run),
-                    [(a, b) for a, b, *_ in fingerprint], int(manifest["rows"]),
+                    [(a, b) for a, b, *_ in fingerprint],
+                    counted_rows(storage, run, int(manifest["rows"])),
                     max(pair[3] for pair in fingerprint), fingerprint)
 
 

@@ -7,7 +7,7 @@ pipeline/report/analysis.py).
 
 Important neurons come from the run's accumulators (neuron_stats: every row). The mask-level
 questions use a sparse table of active events (row, layer, neuron) read from the Zarr masks
-block by block over at most --max-rows rows (a seeded sample of rows when the run is larger),
+block by block over at most --max-rows included rows (a seeded sample when the run has more),
 registered on a DuckDB connection with the analysed rows; the queries are in sql/. Finished work
 is kept: a rerun with the same configuration returns the stored tables.
 """
@@ -72,6 +72,13 @@ def sample_rows(total: int, max_rows: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(total, max_rows, replace=False))
 
 
+def included_rows(storage: Storage, run: str, total: int) -> np.ndarray:
+    """The run's rows that enter its accumulators (tokens.included), sorted."""
+    group = arrays.open_group(storage.arrays(run), mode="r")
+    kept = arrays.included_rows(group, 0, total)
+    return np.arange(total) if kept is None else np.flatnonzero(kept)
+
+
 def active_events(storage: Storage, run: str, rows: np.ndarray, layers: list[int],
                   widths: list[int]) -> pa.Table:
     """(row, layer, neuron) of every active bit of the given rows, read block by block."""
@@ -104,7 +111,8 @@ def run(config: AnalysisConfig, storage: Storage) -> AnalysisResult:
         return AnalysisResult(config.run, stored, done["analysed_rows"], manifest["rows"],
                               reused=True)
     marker.path.unlink(missing_ok=True)  # it must not vouch for tables about to be rewritten
-    rows = sample_rows(manifest["rows"], config.max_rows, config.seed)
+    candidates = included_rows(storage, config.run, manifest["rows"])
+    rows = candidates[sample_rows(len(candidates), config.max_rows, config.seed)]
     frames = compute_tables(config, storage, manifest, rows)
     for table in TABLES:
         if table in frames:

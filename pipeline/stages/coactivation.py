@@ -4,7 +4,8 @@
     nwh coactivation --run demo-corpus --pairs 0:2,1:3    # other pairs
     nwh coactivation --run demo-corpus --engine sql       # the readable reference engine
 
-C[i, j] = number of token rows where neuron i of layer a and neuron j of layer b are both active.
+C[i, j] = number of included token rows (tokens.included) where neuron i of layer a and neuron j of
+layer b are both active.
 Streamed over token blocks (memory: one pair's matrix plus one block), stored as int64 Zarr
 arrays coact/L<a>_L<b> [d_a, d_b] of the run's arrays.zarr. The `complete` attribute is set
 last and is the completion marker: a re-run skips finished pairs, `--overwrite` recounts them.
@@ -291,7 +292,11 @@ def count_pair(group, a: int, b: int, widths: dict[int, int], rows: int, engine:
     active_a, active_b = group[f"active/L{a}"], group[f"active/L{b}"]
     for s in range(0, rows, chunk_tokens):
         stop = min(s + chunk_tokens, rows)
-        counter.add(active_a[s:stop], active_b[s:stop])
+        block_a, block_b = active_a[s:stop], active_b[s:stop]
+        kept = arrays.included_rows(group, s, stop)
+        if kept is not None:  # excluded rows keep their masks but are not counted
+            block_a, block_b = block_a[kept], block_b[kept]
+        counter.add(block_a, block_b)
         if bar is not None:
             bar.update(stop - s)
     return counter.result()

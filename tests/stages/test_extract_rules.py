@@ -12,6 +12,11 @@ from pipeline.core import arrays, tables
 from pipeline.core.storage import Storage, read_json
 from pipeline.kernels.accumulators import COMBINATIONS
 from pipeline.models.micro import save_random_llama
+from pipeline.core.coact import load_run_graph, read_counts
+from pipeline.stages.analysis import AnalysisConfig
+from pipeline.stages.analysis import run as analyze
+from pipeline.stages.coactivation import CoactivationConfig
+from pipeline.stages.coactivation import run as coactivate
 from pipeline.stages.extract import ExtractConfig
 from pipeline.stages.extract import run as extract
 
@@ -145,6 +150,16 @@ def test_excluded_rows_stay_in_tokens_and_masks_but_leave_every_accumulator(
         np.testing.assert_allclose(np.array(stats["max"])[rows], kept.max(0), rtol=1e-6)
     runs = tables.read_partition(storage, "runs", "some").to_pydict()
     assert runs["num_included"] == [int(want.sum())] and runs["num_rows"] == [want.size]
+    for engine in ("popcount", "sql"):  # co-activation counts only included rows
+        coactivate(CoactivationConfig(run="some", engine=engine, overwrite=True, quiet=True),
+                   storage)
+        for a in range(len(ref) - 1):
+            on_a, on_b = (ref[a] > 0.05)[want], (ref[a + 1] > 0.05)[want]
+            expect = on_a.astype(np.int64).T @ on_b.astype(np.int64)
+            assert np.array_equal(read_counts(storage, "some", a, a + 1), expect), engine
+    assert load_run_graph(storage, "some").tokens == int(want.sum())  # T of the edge weights
+    analysed = analyze(AnalysisConfig(run="some", max_rows=1000, clusters=2), storage)
+    assert analysed.analysed_rows == int(want.sum())  # every included row, no other
 
 
 @pytest.mark.parametrize("args, match", [
