@@ -1,12 +1,13 @@
-"""Stages `frequencies`, `top-tokens`, `histogram`: per-neuron tables of a run, read-only.
+"""Stages `frequencies`, `top-tokens`, `signs`, `histogram`: per-neuron tables of a run, read-only.
 
     nwh frequencies --run demo-corpus --out neuron_frequency.csv
     nwh frequencies --run demo-corpus --summary
     nwh top-tokens --run demo-corpus --layer 2 --neuron 3 --k 20 --context 8
+    nwh signs --run smollm2-135m_stdlib --layer 11 --neuron 42   # gated MLPs: (g, u) signs
     nwh histogram --run demo-corpus --layer 2 --bins 50
 
 The tables are queries over the warehouse (sql/neuron_frequency.sql, sql/neuron_summary.sql,
-sql/top_tokens.sql) or a streamed pass over a layer's dense activations (histogram). They write
+sql/top_tokens.sql, sql/sign_examples.sql) or a streamed pass over a layer's dense activations (histogram). They write
 nothing into the warehouse; `--out` saves the table to a file.
 """
 
@@ -54,6 +55,17 @@ class TopTokensConfig(TableOptions):
 
 
 @dataclass(kw_only=True)
+class SignsConfig(TableOptions):
+    run: str = opt(help="an extraction run of a gated MLP (Llama, Qwen, Mistral, Gemma, ...)")
+    layer: int = opt(help="layer")
+    neuron: int = opt(help="neuron index within the layer")
+    context: int = opt(8, help="tokens of left context")
+
+    def __post_init__(self) -> None:
+        at_least(self, 0, "context")
+
+
+@dataclass(kw_only=True)
 class HistogramConfig(TableOptions, Progress):
     run: str = opt(help="an extraction run with dense activations (--store-acts)")
     layer: int = opt(help="layer")
@@ -81,7 +93,16 @@ def _check_dense(manifest: dict, run: str, layer: int, neuron: int | None = None
     if layer not in model.get("dense_layers", []):
         raise UserError(f"run {run!r} has no dense activations of layer {layer} (stored: "
                         f"{model.get('dense_layers', [])}): re-extract with --store-acts")
-    if neuron is not None and not 0 <= neuron < model["widths"][layer]:
+    if neuron is not None:
+        _check_neuron(manifest, run, layer, neuron)
+
+
+def _check_neuron(manifest: dict, run: str, layer: int, neuron: int) -> None:
+    model = manifest["model"]
+    if layer not in model["layers"]:
+        raise UserError(f"run {run!r} did not record layer {layer} (recorded: "
+                        f"{model['layers']}): pick one of those")
+    if not 0 <= neuron < model["widths"][layer]:
         raise UserError(f"neuron {neuron} is out of range for layer {layer} "
                         f"(0-{model['widths'][layer] - 1})")
 
@@ -100,6 +121,17 @@ def run_top_tokens(config: TopTokensConfig, storage: Storage) -> TableResult:
     _check_dense(storage.finished_run(config.run), config.run, config.layer, config.neuron)
     frame = run_query(storage, "top_tokens", run_id=config.run, layer=config.layer,
                    neuron=config.neuron, k=config.k, context=config.context)
+    return _result(frame, config.out)
+
+
+def run_signs(config: SignsConfig, storage: Storage) -> TableResult:
+    manifest = storage.finished_run(config.run)
+    if not manifest["model"].get("gated"):
+        raise UserError(f"run {config.run!r} is of a model without gated MLPs: sign "
+                        "combinations of g and u exist only for gated ones (Llama, Qwen, ...)")
+    _check_neuron(manifest, config.run, config.layer, config.neuron)
+    frame = run_query(storage, "sign_examples", run_id=config.run, layer=config.layer,
+                      neuron=config.neuron, context=config.context)
     return _result(frame, config.out)
 
 
@@ -144,6 +176,10 @@ STAGES = [
     Stage("top-tokens", "Tokens (with context) where a neuron fires most; needs --store-acts.",
           "  nwh top-tokens --run demo-corpus --layer 2 --neuron 3 --k 20 --context 8\n",
           TopTokensConfig, run_top_tokens, show),
+    Stage("signs", "A gated neuron's four sign combinations of (g, u): counts, mean |a| and "
+          "top examples with context.",
+          "  nwh signs --run smollm2-135m_stdlib --layer 11 --neuron 42\n",
+          SignsConfig, run_signs, show),
     Stage("histogram", "Histogram of a layer's activations; needs --store-acts.",
           "  nwh histogram --run demo-corpus --layer 2 --bins 50\n",
           HistogramConfig, run_histogram, show),

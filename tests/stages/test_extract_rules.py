@@ -185,3 +185,39 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, micro_model_dir, cor
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and re.search(match, err), err
     assert files_of(root) == before and not (root / "runs" / "bad").exists()
+
+
+def test_signs_stage_shows_each_combination_with_its_examples_in_context(gated_run, capsys):
+    storage, _, ref = gated_run
+    code = main(["signs", "--storage", str(storage.root), "--run", "gated", "--layer", "1",
+                 "--neuron", "7", "--context", "3", "--out", str(storage.root / "s.csv")])
+    assert code == 0
+    import polars as pl
+
+    frame = pl.read_csv(storage.root / "s.csv")
+    g, u, a = (ref[1][k][:, 7] for k in ("g", "u", "a"))
+    t = _tokens(storage, "gated")
+    for name, here in zip(COMBINATIONS, [(g > 0) & (u > 0), (g > 0) & (u <= 0),
+                                         (g <= 0) & (u > 0), (g <= 0) & (u <= 0)]):
+        part = frame.filter(pl.col("combination") == name)
+        if not here.any():
+            continue
+        assert part["count"][0] == here.sum()
+        assert part["share"][0] == pytest.approx(here.sum() / len(a))
+        rows = np.flatnonzero(here)
+        best = rows[np.argsort(-np.abs(a[rows]), kind="stable")][:3]
+        assert part["row"].to_list() == best.tolist()
+        for row, context in zip(part["row"].to_list(), part["context"].fill_null("").to_list()):
+            p = t["position"][row]
+            want = "".join(t["token"][row - min(p, 3):row])
+            assert context == want
+
+
+def test_signs_of_a_model_without_gates_is_a_one_line_error(tmp_path, micro_model_dir,
+                                                           corpus_file, capsys):
+    storage = Storage(tmp_path / "wh")
+    _extract(storage, micro_model_dir, corpus_file, "plain")
+    code = main(["signs", "--storage", str(storage.root), "--run", "plain", "--layer", "0",
+                 "--neuron", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "without gated MLPs" in err and err.count("\n") == 1
