@@ -24,6 +24,7 @@ from pipeline.core import tables
 from pipeline.core.config import ModelOptions, Stage, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
 from pipeline.core.storage import Storage, atomic_path, read_json, slug, validate_run_id, write_json
+from pipeline.kernels.active import RULES, ActiveRule, check_threshold
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,11 @@ log = logging.getLogger(__name__)
 @dataclass(kw_only=True)
 class TraceConfig(ModelOptions):
     text: str = opt(help="the text to trace")
-    active_threshold: float = opt(0.0, help="a neuron is active iff its activation > this")
+    active_rule: str | None = opt(None, choices=RULES, help="value (a > t), gate (g > t, gated "
+                                  "MLPs), abs (|a| > t) or topk (the --topk largest |a| of a "
+                                  "layer); default gate for gated MLPs, value otherwise")
+    active_threshold: float = opt(0.0, help="t of the active rule")
+    topk: int | None = opt(None, help="K of --active-rule topk")
     run: str | None = opt(None, help="run name (default: slug of model, revision and text hash)",
                           hash=False)
     overwrite: bool = opt(False, help="replace a trace of another configuration under this run "
@@ -40,6 +45,7 @@ class TraceConfig(ModelOptions):
     def __post_init__(self) -> None:
         if not self.text:
             raise UserError("--text is empty: give the text to trace")
+        check_threshold(self.active_threshold)
         if self.run is not None:
             validate_run_id(self.run)
 
@@ -86,7 +92,7 @@ def check_run_id(storage: Storage, config: TraceConfig, key: str) -> bool:
 def run(config: TraceConfig, storage: Storage) -> TraceResult:
     import torch
 
-    from pipeline.models.hooks import capture_neurons
+    from pipeline.models.hooks import capture_blocks
     from pipeline.models.loading import load_model
 
     storage.ensure_writable()
@@ -96,25 +102,35 @@ def run(config: TraceConfig, storage: Storage) -> TraceResult:
         return stored(storage, config.run_id)
     loaded = load_model(config.model, config.revision, storage=storage, for_generation=False,
                         **config.model_kwargs())
+    rule = ActiveRule.resolve(config.active_rule, config.active_threshold, config.topk,
+                              gated=loaded.adapter.gated, widths=loaded.widths)
     ids = loaded.tokenizer(config.text, return_tensors="pt")["input_ids"].to(loaded.device)
     if ids.shape[1] == 0:
         raise UserError("--text gives no tokens: give a longer text")
-    with torch.inference_mode(), capture_neurons(loaded.sites) as captured:
+    blocks: dict = {}
+    with torch.inference_mode(), capture_blocks(loaded.adapter, loaded.model, loaded.sites, None,
+                                                lambda l, b: blocks.__setitem__(l, b)):
         loaded.adapter.base_model(loaded.model)(input_ids=ids)
-        values = np.concatenate([
-            captured[l][0, -1].float().cpu().numpy() for l in range(loaded.n_layers)
-        ]).astype(np.float32)
-    active = values > config.active_threshold
+    last = [blocks[l] for l in range(loaded.n_layers)]
+    values = np.concatenate([b.a[0, -1].float().cpu().numpy() for b in last]).astype(np.float32)
+    active = np.concatenate([_last_active(rule, b) for b in last])
     layer = np.repeat(np.arange(loaded.n_layers, dtype=np.int32), loaded.widths)
     write_outputs(storage, config.run_id, values, active, layer, loaded.widths)
     write_json(storage.run_manifest(config.run_id), {
         "run_id": config.run_id, "status": "finished", "kind": "trace", "config": to_dict(config),
-        "config_hash": key, "model": _model_record(config, loaded),
+        "config_hash": key, "model": _model_record(config, loaded), "active": rule.record(),
         "num_tokens": int(ids.shape[1]), "num_active": int(active.sum()),
     })
     storage.marker(config.run_id, "trace").write(to_dict(config), key,
                  num_active=int(active.sum()))
     return TraceResult(config.run_id, values, active, layer, storage.run_dir(config.run_id))
+
+
+def _last_active(rule: ActiveRule, block) -> np.ndarray:
+    """The rule's mask at the last position (a neuron off its token's experts is inactive)."""
+    g = None if block.g is None else block.g[0, -1:].float()
+    on = rule.mask(block.a[0, -1:].float(), g)[0].cpu().numpy()
+    return on if block.routed is None else on & block.routed[0, -1].cpu().numpy()
 
 
 def _model_record(config: TraceConfig, loaded) -> dict:

@@ -88,3 +88,25 @@ def test_trace_of_another_text_needs_overwrite(tmp_path, micro_model_dir):
 def test_empty_text_is_refused():
     with pytest.raises(UserError, match="--text is empty"):
         TraceConfig(model="m", text="")
+
+
+def test_trace_of_a_gated_model_uses_the_gate_rule(tmp_path):
+    from reference import gated_mlp_parts
+
+    from pipeline.models.micro import save_random_llama
+
+    model_dir = tmp_path / "llama"
+    save_random_llama(model_dir)
+    ids = AutoTokenizer.from_pretrained(model_dir)(TEXT)["input_ids"]
+    parts = gated_mlp_parts(model_dir, ids)
+    g = np.concatenate([parts[l]["g"][-1] for l in sorted(parts)])
+    a = np.concatenate([parts[l]["a"][-1] for l in sorted(parts)])
+    storage = Storage(tmp_path / "wh")
+    result = trace(_config(model_dir, run="g"), storage)
+    np.testing.assert_allclose(result.values, a, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(result.active, g > 0)
+    assert read_json(storage.run_manifest("g"))["active"]["rule"] == "gate"
+    topk = trace(_config(model_dir, run="k", active_rule="topk", topk=4), storage)
+    for l in sorted(parts):
+        on = topk.active[topk.layer == l]
+        assert set(np.flatnonzero(on)) == set(np.argsort(-np.abs(parts[l]["a"][-1]))[:4])
