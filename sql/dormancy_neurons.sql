@@ -13,9 +13,10 @@ with stats as (
 per_neuron as (
     select
         layer, neuron, neuron_id, site, count, sum, max, active_count,
-        sum_abs / count as mean_abs,                      -- activation units
-        sum / count as mean,
-        greatest(abs(min), abs(max)) as max_abs
+        -- a neuron no accumulated row reached (an expert never routed to) counts as silent
+        case when count > 0 then sum_abs / count else 0 end as mean_abs,  -- activation units
+        case when count > 0 then sum / count else 0 end as mean,
+        case when count > 0 then greatest(abs(min), abs(max)) else 0 end as max_abs
     from stats
 ),
 scored as (
