@@ -221,3 +221,13 @@ def test_signs_of_a_model_without_gates_is_a_one_line_error(tmp_path, micro_mode
                  "--neuron", "0"])
     err = capsys.readouterr().err
     assert code == 2 and "without gated MLPs" in err and err.count("\n") == 1
+
+
+def test_a_gguf_that_is_not_gguf_is_one_line_and_writes_nothing(tmp_path, corpus_file, capsys):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGML\x00" + bytes(64))
+    code = main(["extract", "--storage", str(tmp_path / "wh"), "--model", str(fake), "--corpus",
+                 str(corpus_file), "--num-samples", "2", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "GGUF" in err, err
+    assert not (tmp_path / "wh" / "runs").exists()
