@@ -151,7 +151,8 @@ class ModelOptions:
 
 @dataclass(kw_only=True)
 class WindowOptions:
-    """Corpus windows: documents joined by EOS and cut into windows of max_length tokens."""
+    """Corpus windows of max_length tokens: the model's framing tokens (BOS, [CLS] ... [SEP])
+    around documents joined by EOS, cut in order or from document starts."""
 
     corpus: str = opt("stdlib", help="stdlib, stdlib:heldout, a .txt/.jsonl/.parquet/.csv file, "
                       "or a datasets hub name")
@@ -159,14 +160,48 @@ class WindowOptions:
     split: str = opt("train", help="split of a hub dataset")
     text_column: str = opt("text", help="text column of a file or dataset")
     num_samples: int = opt(64, help="corpus windows")
-    max_length: int = opt(128, help="tokens per window")
+    max_length: int = opt(128, help="tokens per window, framing tokens included")
     batch_size: int = opt(8, help="windows per forward pass", hash=False)
+    prepend_bos: bool | None = opt(None, help="start every causal model's window with BOS "
+                                   "(default: as the model's tokenizer does, e.g. Llama yes, "
+                                   "GPT-2 no; encoders always get [CLS] ... [SEP])")
+    window_mode: str = opt("concat", help="concat: cut the joined documents in order (a window "
+                           "may start mid-document); document: start every window at a "
+                           "document start, cutting the last document that does not fit",
+                           choices=("concat", "document"))
 
     min_window = 1  # the next-token loss needs 2
 
     def check_windows(self) -> None:
         at_least(self, 1, "num_samples", "batch_size")
         at_least(self, self.min_window, "max_length")
+        from pipeline.core.inputs import check_window_mode
+
+        check_window_mode(self.window_mode)
+
+
+@dataclass(kw_only=True)
+class RowFilter:
+    """Token rows left out of every accumulator; they stay in `tokens` (included = false) and
+    in the masks."""
+
+    exclude: str | None = opt(None, help="token classes left out of every accumulator: "
+                              "bos,eos,pad,newline (default none)")
+    skip_positions: int = opt(0, help="also leave out the first N positions of every sequence "
+                              "(attention sinks)")
+
+    def check_rows(self) -> None:
+        at_least(self, 0, "skip_positions")
+        from pipeline.core.inputs import parse_exclude
+
+        parse_exclude(self.exclude)
+
+    @property
+    def excluded_classes(self) -> tuple[str, ...]:
+        """The parsed --exclude: a tuple of pipeline.core.inputs.TOKEN_CLASSES."""
+        from pipeline.core.inputs import parse_exclude
+
+        return parse_exclude(self.exclude)
 
 
 @dataclass(kw_only=True)
