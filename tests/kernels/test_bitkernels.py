@@ -22,8 +22,12 @@ def test_moments_and_pack_equal_numpy(tokens, width, threshold, seed):
     start = rng.normal(size=(6, width))   # the kernel adds to the sums it is given
     sums, lo, hi = start.copy(), np.full(width, 7.0), np.full(width, -7.0)
     act = np.arange(width, dtype=np.int64)
+    cnt = np.full(width, 3, np.int64)
     packed = np.empty((tokens, (width + 7) // 8), np.uint8)
-    moments_and_pack(x, np.float32(threshold), shift, sums, lo, hi, act, packed)
+    every_row, every_neuron = np.ones(tokens, np.uint8), np.zeros((tokens, 0), np.uint8)
+    moments_and_pack(x, x, np.float32(threshold), every_row, every_neuron, shift, sums, lo, hi,
+                     act, cnt, packed)
+    np.testing.assert_array_equal(cnt, 3 + tokens)
 
     x64 = x.astype(np.float64)
     c = x64 - shift

@@ -136,7 +136,8 @@ def _synthetic(storage: Storage, mean_abs: list[float], run: str = "syn") -> Non
     tables.write_part(storage, "neuron_stats", run, cols)
     tables.write_part(storage, "neurons", run, {
         "neuron_id": np.arange(n), "layer": np.zeros(n), "neuron": np.arange(n),
-        "layer_offset": np.zeros(n), "layer_width": np.full(n, n), "site": ["h.0.mlp.c_proj"] * n})
+        "layer_offset": np.zeros(n), "layer_width": np.full(n, n), "expert": np.full(n, -1),
+        "site": ["h.0.mlp.c_proj"] * n})
     write_json(storage.run_manifest(run), {"status": "finished", "rows": count, "model": {
         "name": "syn", "revision": "step7", "layers": [0], "widths": [n]}})
 
@@ -152,6 +153,21 @@ def test_boundary_is_inclusive(tmp_path):
     _synthetic(storage, [0.0, 1e-7, 1.0], run="syn2")
     assert dormant_neurons(storage, "syn2", definition="never_active")["dormant"].to_list() == [True, False, False]
     assert dormant_neurons(storage, "syn2", definition="max_abs", epsilon=1e-6)["dormant"].to_list() == [True, True, False]
+
+
+def test_a_neuron_no_row_reached_is_dormant_by_every_definition(tmp_path):
+    """A mixture-of-experts neuron whose expert no token was routed to has count 0 (and the
+    min/max of nothing, +inf/-inf): silent, not undefined."""
+    storage = Storage(tmp_path)
+    _synthetic(storage, [1.0, 2.0, 3.0])
+    stats = tables.read_partition(storage, "neuron_stats", "syn").to_pydict()
+    stats.pop("run_id", None)
+    stats["count"][0], stats["sum_abs"][0], stats["sum"][0] = 0, 0.0, 0.0
+    stats["min"][0], stats["max"][0], stats["active_count"][0] = np.inf, -np.inf, 0
+    tables.write_part(storage, "neuron_stats", "syn", stats)
+    for kw in ({"threshold": 0.1}, {"definition": "never_active"},
+               {"definition": "max_abs", "epsilon": 1e-6}):
+        assert dormant_neurons(storage, "syn", **kw)["dormant"].to_list() == [True, False, False]
 
 
 def test_log_header_append_and_write(tmp_path):
