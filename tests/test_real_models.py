@@ -151,13 +151,34 @@ PICKED = np.array([3, 77, 1000, D_MLP + 5, D_MLP + 1400, 29 * D_MLP + 12], dtype
 
 
 def windows(tokenizer, corpus: Path, *, length: int, count: int) -> torch.Tensor:
-    """Paragraphs joined by EOS (SEP for BERT), cut into windows of `length` ids."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    """Paragraphs joined by EOS (SEP for BERT), cut into windows of `length` ids; BERT's
+    windows are [CLS] + length - 2 ids + [SEP], as it was trained (SmolLM2's tokenizer adds no
+    BOS, so its windows have no prefix)."""
+    bert = tokenizer.cls_token_id is not None
+    eos = tokenizer.sep_token_id if bert else tokenizer.eos_token_id
+    body = length - 2 if bert else length
     ids: list[int] = []
     for paragraph in corpus.read_text().split("\n\n"):
         ids += tokenizer(paragraph.strip(), add_special_tokens=False)["input_ids"] + [eos]
-    assert len(ids) >= length * count
-    return torch.tensor(ids[: length * count]).view(count, length)
+    assert len(ids) >= body * count
+    cut = torch.tensor(ids[: body * count]).view(count, body)
+    if bert:
+        cut = torch.cat([torch.full((count, 1), tokenizer.cls_token_id), cut,
+                         torch.full((count, 1), tokenizer.sep_token_id)], dim=1)
+    return cut
+
+
+def hooked_outputs(modules, run) -> dict[int, torch.Tensor]:
+    """The output of each module during run(), by forward hooks registered here."""
+    seen: dict[int, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _a, out, l=l: seen.__setitem__(l, out))
+               for l, m in enumerate(modules)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
 
 
 def site_modules(model, llama: bool) -> list[torch.nn.Module]:
@@ -195,6 +216,15 @@ class Reference:
         with torch.no_grad():
             seen = hooked_inputs(self.model, self.modules, lambda: self.model(input_ids=self.ids))
         self.acts = {l: a.reshape(-1, a.shape[-1]).numpy() for l, a in seen.items()}
+        self.gates = self.ups = None
+        if llama:  # the gate pre-activation g and the up value u: a = silu(g) * u
+            parts = {}
+            for name in ("gate_proj", "up_proj"):
+                mods = [getattr(layer.mlp, name) for layer in self.model.model.layers]
+                with torch.no_grad():
+                    out = hooked_outputs(mods, lambda: self.model(input_ids=self.ids))
+                parts[name] = {l: o.reshape(-1, o.shape[-1]).numpy() for l, o in out.items()}
+            self.gates, self.ups = parts["gate_proj"], parts["up_proj"]
 
 
 @pytest.fixture(scope="module")
@@ -331,8 +361,18 @@ def check_extraction(storage: Storage, ref: Reference, n_layers: int) -> None:
         # float16 rounding: half an ulp, 2^-11 relative; subnormals below 2^-14 step by 2^-24
         np.testing.assert_allclose(stored.astype(np.float32), expect, rtol=2 ** -11,
                                    atol=2 ** -25, err_msg=f"layer {l}")
-        bits = np.unpackbits(group[f"active/L{l}"][:], axis=1, bitorder="little")[:, :D_MLP]
-        assert np.array_equal(bits.astype(bool), expect > 0), f"layer {l}"
+        def bits(kind):
+            return np.unpackbits(group[f"{kind}/L{l}"][:], axis=1,
+                                 bitorder="little")[:, :D_MLP].astype(bool)
+
+        if ref.gates is None:  # GELU: active iff a > 0 (the value rule, the default)
+            assert manifest["active"]["rule"] == "value"
+            assert np.array_equal(bits("active"), expect > 0), f"layer {l}"
+        else:  # gated: active iff the gate is open (the gate rule, the default); g, u masks
+            assert manifest["active"]["rule"] == "gate"
+            assert np.array_equal(bits("active"), ref.gates[l] > 0), f"layer {l}"
+            assert np.array_equal(bits("gate"), ref.gates[l] > 0), f"layer {l}"
+            assert np.array_equal(bits("up"), ref.ups[l] > 0), f"layer {l}"
 
 
 def check_dormancy(storage: Storage, ref: Reference, n_layers: int, tau: float) -> None:
@@ -367,9 +407,19 @@ def test_minilm_dormancy_matches_tau_formula(bert):
 def test_smollm2_extraction_matches_hooked_forward(llama):
     storage, ref = llama
     check_extraction(storage, ref, n_layers=30)
-    # gated neurons: a > 0 is about half of them (DESIGN), not the sparse GELU picture
+    # gated neurons: a > 0 is about half of them (DESIGN), not the sparse GELU picture; the gate
+    # is open less often, and the stored active counts follow the gate
     share = np.mean([(ref.acts[l] > 0).mean() for l in range(30)])
     assert 0.3 < share < 0.7
+    stats = tables.read_partition(storage, "neuron_stats", "r").sort_by("neuron_id").to_pydict()
+    gate_counts = np.concatenate([(ref.gates[l] > 0).sum(0) for l in range(30)])
+    assert np.array_equal(np.array(stats["active_count"]), gate_counts)
+    signs = tables.read_partition(storage, "sign_stats", "r").to_pydict()
+    open_up = {(l, n): c for l, n, c, k in zip(signs["layer"], signs["neuron"], signs["count"],
+                                               signs["combination"]) if k == "g+u+"}
+    for l in (0, 11, 29):
+        want = ((ref.gates[l] > 0) & (ref.ups[l] > 0)).sum(0)
+        assert [open_up[(l, n)] for n in range(D_MLP)] == want.tolist()
 
 
 @needs_packages
