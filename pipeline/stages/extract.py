@@ -3,6 +3,7 @@
     nwh extract --model zoo-s0 --corpus stdlib --num-samples 256
     nwh extract --model zoo-s0 --prompts prompts.csv --temperature 0.8 --top-k 50 --store-acts
     nwh extract --model gpt2 --num-samples 4096 --store-acts --dry-run   # sizes, disk, resume point
+    nwh extract --model Qwen/Qwen2.5-0.5B --skip-positions 1   # gated: active = gate open (g > 0)
 
 Per run it writes, in bounded memory:
     tables/tokens/run_id=<run>/part-<first row>.parquet   one row per token
@@ -933,5 +934,8 @@ STAGES = [Stage(
     "  nwh extract --model zoo-s0 --revision step64 --layers 0-1 --store-acts\n"
     "  nwh extract --model zoo-s1 --prompts prompts.csv --temperature 0.8 --top-k 50\n"
     "  nwh extract --model gpt2 --corpus wikitext --dataset-config wikitext-2-raw-v1\n"
-    "  nwh extract --model gpt2 --num-samples 4096 --store-acts --dry-run\n",
+    "  nwh extract --model gpt2 --num-samples 4096 --store-acts --dry-run\n"
+    "  nwh extract --model storage/models/smollm2-135m --active-rule gate --skip-positions 1\n"
+    "  nwh extract --model Qwen/Qwen2.5-0.5B --active-rule topk --topk 64 --exclude bos,pad\n"
+    "  nwh extract --model gpt2 --window-mode document --prepend-bos\n",
     ExtractConfig, run, show)]
