@@ -212,9 +212,14 @@ def read_dormancy_log(path: str | Path) -> pl.DataFrame:
 
 def activation_map(group, manifest: dict, tokens, row: int) -> tuple[list[np.ndarray], str]:
     """Per-layer values of one token row (activations clipped at 0 when every layer was stored
-    densely, else the active bits) and the text of its sequence up to that token."""
+    densely and the run's rule is a > 0's kind, else the active bits of its rule) and the text
+    of its sequence up to that token."""
+    from pipeline.kernels.active import run_rule
+
     layers, widths = manifest["model"]["layers"], manifest["model"]["widths"]
-    use_acts = set(layers) <= set(manifest["model"].get("dense_layers", []))
+    # a gated neuron's a > 0 is not its activity (the gate is): show the rule's bits there
+    use_acts = (set(layers) <= set(manifest["model"].get("dense_layers", []))
+                and run_rule(manifest).rule == "value")
     values = [group[f"acts/L{l}"][row].astype(np.float64).clip(0) if use_acts
               else arrays.unpack_mask(group[f"active/L{l}"][row:row + 1], widths[l])[0].astype(float)
               for l in layers]
