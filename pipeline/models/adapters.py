@@ -3,13 +3,22 @@
 The neuron is one coordinate of the INPUT of the MLP's output projection (post-nonlinearity,
 post-gate). Adding an architecture is one entry in FAMILIES. A family without an entry is
 mapped by the common module names (`infer_family`), and the module picked is logged.
+
+Mixture-of-experts layers (Family.moe): a neuron is (layer, expert, index). transformers 5 fuses
+the experts into 3-D parameters (gate_up_proj [E, 2I, H], down_proj [E, H, I]) with no module
+per expert, so the layer's neuron vector, of width S + E*I, is laid out
+[shared-expert neurons (S, if any), expert 0 (I), ..., expert E-1 (I)] and its weights are the
+matching concatenations. An expert's neurons are act(g) * u on the tokens routed to it and 0
+elsewhere (pipeline.models.moe captures them); shared-expert neurons see every token. The dense
+layers of such a model (Qwen-MoE's mlp_only_layers, decoder_sparse_step) are ordinary layers.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pipeline.core.errors import UserError
@@ -21,8 +30,28 @@ log = logging.getLogger(__name__)
 class NeuronSite:
     layer: int
     name: str                 # qualified module name, e.g. "transformer.h.0.mlp.c_proj"
-    module: torch.nn.Module   # the output projection; its forward input is the neuron vector
-    width: int                # d_mlp of this layer
+    module: torch.nn.Module   # the output projection; its forward input is the neuron vector.
+                              # At a mixture-of-experts layer: the fused experts module, whose
+                              # forward input (hidden_states, top_k_index, top_k_weights) is NOT
+                              # the neuron vector (pipeline.models.moe captures that)
+    width: int                # d_mlp of this layer (S + E*I at a mixture-of-experts layer)
+    # int16 per neuron at a mixture-of-experts layer: -1 for shared-expert neurons, e for expert e;
+    # None at a dense layer (not compared: an array has no single truth value)
+    expert: np.ndarray | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Experts:
+    """Where a mixture-of-experts layer keeps its parts, relative to a layer. A layer without
+    `experts` is a dense layer of the family's ordinary MLP."""
+
+    block: str = "mlp"              # the sparse block: its output is the layer's MLP output
+    experts: str = "mlp.experts"    # fused: gate_up_proj [E, 2I, H], down_proj [E, H, I], act_fn;
+                                    # forward(hidden_states [n, H], top_k_index, top_k_weights [n, k])
+    router: str = "mlp.gate"        # weight [E, H]: the router logits
+    shared: str | None = None       # a shared expert: a gated MLP (gate_proj, up_proj, down_proj)
+                                    # that every token goes through
+    shared_gate: str | None = None  # Linear(H, 1): the shared expert's output is scaled by its sigmoid
 
 
 @dataclass(frozen=True)
@@ -35,6 +64,7 @@ class Family:
     causal: bool = True
     fused: bool = False       # w_in and w_up are one projection: gate the first half of its
                               # outputs, up the second (Phi-3's gate_up_proj, split by chunk(2))
+    moe: Experts | None = None  # mixture of experts; the fields above name the dense layers' MLP
 
 
 _DECODER = ("model.layers", "layers")
@@ -60,6 +90,15 @@ FAMILIES: dict[str, Family] = {
     "olmo": _GATED,
     "olmo2": _GATED,
     "stablelm": _GATED,
+    # mixtures of experts (transformers 5 layout): Mixtral and Qwen3-MoE have routed experts only,
+    # Qwen2-MoE adds a shared expert; the Qwens' mlp_only_layers are dense gated MLPs
+    "mixtral": Family(_DECODER, "mlp.down_proj", "mlp.gate_proj", w_up="mlp.up_proj",
+                      moe=Experts()),
+    "qwen2_moe": Family(_DECODER, "mlp.down_proj", "mlp.gate_proj", w_up="mlp.up_proj",
+                        moe=Experts(shared="mlp.shared_expert",
+                                    shared_gate="mlp.shared_expert_gate")),
+    "qwen3_moe": Family(_DECODER, "mlp.down_proj", "mlp.gate_proj", w_up="mlp.up_proj",
+                        moe=Experts()),
     "phi3": Family(_DECODER, "mlp.down_proj", "mlp.gate_up_proj", w_up="mlp.gate_up_proj",
                    fused=True),
     "phi": Family(_DECODER, "mlp.fc2", "mlp.fc1"),
@@ -74,6 +113,7 @@ FAMILIES: dict[str, Family] = {
                          "ffn.lin1", causal=False),
 }
 SUPPORTED_FAMILIES = tuple(FAMILIES)
+MOE_FAMILIES = tuple(k for k, v in FAMILIES.items() if v.moe is not None)
 _TABLE = "pipeline/models/adapters.py"  # named in the errors: where a family's entry goes
 
 # For a family without an entry: where the layer list usually is, and the usual names of
@@ -98,6 +138,75 @@ def _get(model: torch.nn.Module, path: str):
         return None
 
 
+@dataclass(frozen=True)
+class MoeParts:
+    """The modules of one mixture-of-experts layer of a loaded model, and its widths.
+
+    Weights come in the neuron layout [shared (S), expert 0 (I), ..., expert E-1 (I)]. The
+    concatenations are copies: Mixtral-8x7B's w_in of one layer is 4096 x 114,688 (0.9 GB in
+    bf16), so take one layer's at a time."""
+
+    block: torch.nn.Module                # the sparse block; its output is the MLP output
+    experts: torch.nn.Module              # the fused experts
+    router: torch.nn.Module               # weight [E, H]
+    shared: torch.nn.Module | None        # shared expert (gate_proj, up_proj, down_proj)
+    shared_gate: torch.nn.Module | None   # Linear(H, 1), sigmoid-scales the shared output
+    n_experts: int                        # E
+    d_expert: int                         # I, neurons per expert
+    d_shared: int                         # S, shared-expert neurons (0 without one)
+
+    @property
+    def width(self) -> int:
+        return self.d_shared + self.n_experts * self.d_expert
+
+    def layout(self) -> np.ndarray:
+        """int16 per neuron: -1 for a shared-expert neuron, e for a neuron of expert e."""
+        return np.concatenate([np.full(self.d_shared, -1, np.int16),
+                               np.repeat(np.arange(self.n_experts, dtype=np.int16),
+                                         self.d_expert)])
+
+    def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [E, 2I, H], down [E, H, I]) as the experts' forward applies them with
+        F.linear (views of the parameters, undone if the module stores them transposed)."""
+        gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
+        if getattr(self.experts, "is_transposed", False):
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        return gate_up, down
+
+    def _routed_in(self, half: int) -> torch.Tensor:
+        """[E*I, H]: the gate (half 0) or up (half 1) rows of every expert, expert-major."""
+        gate_up = self.fused()[0].detach()
+        return gate_up.chunk(2, dim=1)[half].reshape(-1, gate_up.shape[-1])
+
+    def _cat_in(self, shared: str, half: int) -> torch.Tensor:
+        rows = [self._routed_in(half)]
+        if self.shared is not None:
+            rows.insert(0, self.shared.get_submodule(shared).weight.detach())
+        return torch.cat(rows).T
+
+    def w_in(self) -> torch.Tensor:
+        """[H, S + E*I] gate weights."""
+        return self._cat_in("gate_proj", 0)
+
+    def w_up(self) -> torch.Tensor:
+        """[H, S + E*I] up weights."""
+        return self._cat_in("up_proj", 1)
+
+    def w_out(self) -> torch.Tensor:
+        """[S + E*I, H] output weights (down_proj rows of each expert, then stacked)."""
+        down = self.fused()[1].detach()
+        rows = [down.transpose(1, 2).reshape(-1, down.shape[1])]
+        if self.shared is not None:
+            rows.insert(0, self.shared.down_proj.weight.detach().T)
+        return torch.cat(rows)
+
+
+# The experts layouts of transformers' use_experts_implementation that MoeParts reads; another
+# (biases, interleaved gate/up, no gate, a norm after each expert) would give wrong neurons
+_EXPERTS_FLAGS = {"has_bias": False, "has_gate": True, "is_concatenated": True,
+                  "has_post_expert_norm": False}
+
+
 class Adapter:
     """Neuron sites and weights of one family; works on LM-head and base models alike."""
 
@@ -105,6 +214,8 @@ class Adapter:
         self.family, self.spec = family, spec
         self.gated = spec.w_up is not None
         self.causal = spec.causal
+        # a mixture-of-experts family (its layers may still be dense: moe_parts says which)
+        self.moe = spec.moe is not None
 
     def _layers_path(self, model) -> str:
         for path in self.spec.layers:
@@ -124,10 +235,39 @@ class Adapter:
     def _layer_module(self, model, layer: int, rel: str) -> torch.nn.Module:
         return self.block(model, layer).get_submodule(rel)
 
+    def moe_parts(self, model, layer: int) -> MoeParts | None:
+        """The parts of a mixture-of-experts layer; None for a dense layer."""
+        where = self.spec.moe
+        if where is None:
+            return None
+        block = self.block(model, layer)
+        experts = _get(block, where.experts)
+        if experts is None or not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+            return None
+        odd = [k for k, v in _EXPERTS_FLAGS.items() if getattr(experts, k, v) != v]
+        if odd or experts.gate_up_proj.ndim != 3:
+            raise UserError(f"the experts of layer {layer} of this {self.family} model are stored "
+                            f"in a layout the adapter does not read ({', '.join(odd) or 'not 3-D'}):"
+                            " use a transformers version whose experts are fused [E, 2I, H]")
+        shared = _get(block, where.shared) if where.shared else None
+        gate_up = experts.gate_up_proj
+        n_experts = gate_up.shape[0]
+        d_expert = gate_up.shape[2 if getattr(experts, "is_transposed", False) else 1] // 2
+        return MoeParts(block.get_submodule(where.block), experts,
+                        block.get_submodule(where.router), shared,
+                        _get(block, where.shared_gate) if where.shared_gate else None,
+                        n_experts, d_expert,
+                        0 if shared is None else shared.down_proj.weight.shape[1])
+
     def sites(self, model) -> list[NeuronSite]:
         path = self._layers_path(model)
         out = []
         for i in range(len(model.get_submodule(path))):
+            parts = self.moe_parts(model, i)
+            if parts is not None:
+                out.append(NeuronSite(i, f"{path}.{i}.{self.spec.moe.experts}", parts.experts,
+                                      parts.width, parts.layout()))
+                continue
             module = model.get_submodule(f"{path}.{i}.{self.spec.w_out}")
             width = module.weight.shape[0] if self.spec.conv1d else module.weight.shape[1]
             out.append(NeuronSite(i, f"{path}.{i}.{self.spec.w_out}", module, width))
@@ -143,21 +283,44 @@ class Adapter:
         return t.chunk(2, dim=-1)[half] if self.spec.fused else t
 
     def w_in(self, model, layer: int) -> torch.Tensor:
-        """[d_model, d_mlp]: column n holds the input weights of neuron n."""
+        """[d_model, d_mlp]: column n holds the input weights of neuron n (the gate weights at
+        a mixture-of-experts layer, in its neuron layout)."""
+        parts = self.moe_parts(model, layer)
+        if parts is not None:
+            return parts.w_in()
         return self._part(self._weight(self._layer_module(model, layer, self.spec.w_in)), 0)
 
     def w_up(self, model, layer: int) -> torch.Tensor | None:
         """[d_model, d_mlp] of the ungated branch of a gated MLP, else None."""
         if not self.gated:
             return None
+        parts = self.moe_parts(model, layer)
+        if parts is not None:
+            return parts.w_up()
         return self._part(self._weight(self._layer_module(model, layer, self.spec.w_up)), 1)
 
+    def gate_modules(self, model, layer: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(gate projection, up projection) of a gated MLP: their outputs are g and u (one
+        module twice when fused: its outputs are [g, u])."""
+        if self.moe_parts(model, layer) is not None:
+            raise UserError(f"layer {layer} is a mixture-of-experts layer, whose g and u are no "
+                            "module's outputs: capture them with pipeline.models.moe")
+        return (self._layer_module(model, layer, self.spec.w_in),
+                self._layer_module(model, layer, self.spec.w_up))
+
     def b_in(self, model, layer: int) -> torch.Tensor | None:
+        if self.moe_parts(model, layer) is not None:
+            return None  # experts with biases are refused by moe_parts
         bias = getattr(self._layer_module(model, layer, self.spec.w_in), "bias", None)
         return None if bias is None else self._part(bias.detach(), 0)
 
     def w_out(self, model, layer: int) -> torch.Tensor:
-        """[d_mlp, d_model]: row n holds the output weights of neuron n."""
+        """[d_mlp, d_model]: row n holds the output weights of neuron n (at a
+        mixture-of-experts layer, in its neuron layout: an expert's rows are scaled by its routing
+        weight in the output, the shared expert's by sigmoid(shared_gate))."""
+        parts = self.moe_parts(model, layer)
+        if parts is not None:
+            return parts.w_out()
         return self._weight(self._layer_module(model, layer, self.spec.w_out))
 
     def unembed(self, model) -> torch.Tensor:
@@ -166,13 +329,20 @@ class Adapter:
         if head is None or getattr(head, "weight", None) is None:
             head = model.get_input_embeddings()
         unembed = head.weight.detach().T
-        d_model = self.w_out(model, 0).shape[1]
+        d_model = self.d_model(model)
         if unembed.shape[0] != d_model:  # ELECTRA's head maps the stream to a smaller embedding
             raise UserError(f"this {self.family} model's vocabulary projection reads "
                             f"{unembed.shape[0]}-wide embeddings, not the {d_model}-wide residual "
                             "stream, so the vocabulary statistics of its neurons are undefined: "
                             "use a checkpoint whose embedding size equals its hidden size")
         return unembed
+
+    def d_model(self, model) -> int:
+        """Width of the residual stream the MLPs write to (no concatenated copy at an MoE layer)."""
+        parts = self.moe_parts(model, 0)
+        if parts is not None:
+            return int(parts.fused()[1].shape[1])
+        return int(self.w_out(model, 0).shape[1])
 
     def base_model(self, model) -> torch.nn.Module:
         """The trunk without the LM head (extraction needs no logits)."""
@@ -181,8 +351,8 @@ class Adapter:
 
 
 def family_spec(config) -> Family | None:
-    """The FAMILIES entry of a config's model_type, None for a family without one; a family
-    whose neurons are not one vector per layer (encoder-decoder, mixture of experts) is refused."""
+    """The FAMILIES entry of a config's model_type, None for a family without one; an
+    encoder-decoder, and a mixture of experts without an entry, are refused."""
     family = getattr(config, "model_type", None)
     if getattr(config, "is_encoder_decoder", False) or family in _ENCODER_DECODERS:
         raise UserError(f"model type {family!r} is an encoder-decoder, which has no adapter: "
@@ -194,8 +364,9 @@ def family_spec(config) -> Family | None:
                    if isinstance(n, int)), default=0)
     if experts > 1:
         raise UserError(f"model type {family!r} is a mixture of experts ({experts} experts a "
-                        "layer), which has no adapter: its neurons are (layer, expert, index); use "
-                        f"a dense model of one of {', '.join(SUPPORTED_FAMILIES)}")
+                        "layer) that has no adapter: its neurons are (layer, expert, index) and "
+                        f"the supported mixtures of experts are {', '.join(MOE_FAMILIES)}; use one "
+                        f"of them, a dense model, or add a Family(..., moe=Experts(...)) in {_TABLE}")
     return None
 
 

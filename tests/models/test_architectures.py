@@ -419,9 +419,9 @@ def test_encoder_decoder_is_refused_in_one_line(model_type, config):
     assert "llama" in message  # the supported families are named
 
 
-def test_mixture_of_experts_is_refused_in_one_line():
-    model = AutoModelForCausalLM.from_config(
-        AutoConfig.for_model("mixtral", **_DEC, num_local_experts=4))
+def test_mixture_of_experts_without_an_entry_is_refused_in_one_line():
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("olmoe", **_DEC, num_experts=4))
     with pytest.raises(UserError) as e:
         adapter_for(model)
-    assert "\n" not in str(e.value) and "'mixtral' is a mixture of experts (4 experts" in str(e.value)
+    assert "\n" not in str(e.value) and "'olmoe' is a mixture of experts (4 experts" in str(e.value)
+    assert "mixtral, qwen2_moe, qwen3_moe" in str(e.value)

@@ -115,9 +115,9 @@ def no_weights_load(monkeypatch):
 
 
 @pytest.mark.parametrize("config, message", [
-    (AutoConfig.for_model("mixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, num_local_experts=4),
-     "'mixtral' is a mixture of experts"),
+    (AutoConfig.for_model("olmoe", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, num_experts=4),
+     "'olmoe' is a mixture of experts"),
     (TinyConfig(names=["proj_out", "proj_in", None]), "FAMILIES['tiny-ffn'] = Family("),
     (AutoConfig.for_model("t5", d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8),
      "'t5' is an encoder-decoder"),
