@@ -361,8 +361,8 @@ def check_extraction(storage: Storage, ref: Reference, n_layers: int) -> None:
         # float16 rounding: half an ulp, 2^-11 relative; subnormals below 2^-14 step by 2^-24
         np.testing.assert_allclose(stored.astype(np.float32), expect, rtol=2 ** -11,
                                    atol=2 ** -25, err_msg=f"layer {l}")
-        def bits(kind):
-            return np.unpackbits(group[f"{kind}/L{l}"][:], axis=1,
+        def bits(kind, layer=l):
+            return np.unpackbits(group[f"{kind}/L{layer}"][:], axis=1,
                                  bitorder="little")[:, :D_MLP].astype(bool)
 
         if ref.gates is None:  # GELU: active iff a > 0 (the value rule, the default)

@@ -9,10 +9,10 @@ from reference import files_of, gated_mlp_parts, mlp_inputs
 
 from pipeline.cli import main
 from pipeline.core import arrays, tables
+from pipeline.core.coact import load_run_graph, read_counts
 from pipeline.core.storage import Storage, read_json
 from pipeline.kernels.accumulators import COMBINATIONS
 from pipeline.models.micro import save_random_llama
-from pipeline.core.coact import load_run_graph, read_counts
 from pipeline.stages.analysis import AnalysisConfig
 from pipeline.stages.analysis import run as analyze
 from pipeline.stages.coactivation import CoactivationConfig
