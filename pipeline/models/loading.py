@@ -32,6 +32,30 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     is_causal: bool
+    # weights the checkpoint did not hold, randomly initialised at load (transformers'
+    # missing keys): a base-model folder loaded with an LM head leaves the head's here
+    missing_weights: tuple[str, ...] = ()
+
+    @property
+    def missing_head_weights(self) -> list[str]:
+        """The missing weights outside the trunk (base_model_prefix): those of the LM or
+        masked-LM head, so a loss through the head would be that of random weights."""
+        prefix = getattr(self.model, "base_model_prefix", "") + "."
+        return sorted(k for k in self.missing_weights if not k.startswith(prefix))
+
+    def require_head(self, purpose: str) -> None:
+        """A one-line UserError unless the model has a head whose weights all loaded."""
+        head, cls = ("LM", "ForCausalLM") if self.is_causal else ("masked-LM", "ForMaskedLM")
+        if self.model.get_output_embeddings() is None:
+            raise UserError(f"model {self.name!r} has no {head} head, which {purpose} needs: "
+                            f"use a checkpoint of a ...{cls} model")
+        missing = self.missing_head_weights
+        if missing:
+            named = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
+                                              else "")
+            raise UserError(f"model {self.name!r} does not ship the weights of its {head} head "
+                            f"({named} would be random), which {purpose} needs: use a "
+                            f"checkpoint saved with its head (a ...{cls} folder)")
 
     @property
     def n_layers(self) -> int:
@@ -126,6 +150,7 @@ def load_model(
     refused before any weights load."""
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    missing: tuple[str, ...] = ()
     if str(name).lower().endswith(".gguf"):  # llama.cpp / Ollama files, dequantized
         from pipeline.models.gguf import load_gguf
 
@@ -136,7 +161,7 @@ def load_model(
         model, tokenizer = load_gguf(path, device=dev, dtype=torch_dtype)
         config, adapter = model.config, adapter_for(model)
     else:
-        model, tokenizer, config, adapter, path, revision, source = _load_pretrained(
+        model, tokenizer, config, adapter, path, revision, source, missing = _load_pretrained(
             name, revision, storage, torch_dtype, trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -145,13 +170,15 @@ def load_model(
         and not getattr(config, "is_encoder_decoder", False)
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter,
                        sites=adapter.sites(model), name=name, revision=revision, source=source,
-                       path=path, device=dev, dtype=torch_dtype, is_causal=causal)
+                       path=path, device=dev, dtype=torch_dtype, is_causal=causal,
+                       missing_weights=missing)
 
 
 def _load_pretrained(name: str, revision: str | None, storage: Storage, torch_dtype,
                      trust_remote_code: bool):
-    """(model, tokenizer, config, adapter, path, revision, source) of a zoo name, a local
-    folder or a hub id; the adapter is resolved from the config before the weights load."""
+    """(model, tokenizer, config, adapter, path, revision, source, missing weights) of a zoo
+    name, a local folder or a hub id; the adapter is resolved from the config before the
+    weights load."""
     from pipeline.models import zoo
 
     if zoo.is_zoo_name(name):
@@ -186,14 +213,15 @@ def _load_pretrained(name: str, revision: str | None, storage: Storage, torch_dt
         # a family without an entry is mapped on an empty skeleton (meta device: no memory)
         adapter = Adapter(config.model_type, spec) if spec else adapter_for(
             _skeleton(model_cls, config, trust_remote_code))
-        model = model_cls.from_pretrained(where, dtype=torch_dtype,
-                                          use_safetensors=True if path else None, **kwargs)
+        model, info = model_cls.from_pretrained(where, dtype=torch_dtype, output_loading_info=True,
+                                                use_safetensors=True if path else None, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - the hub raises many types; all mean "not loadable"
         raise _load_error(name, revision, source, e) from None
-    return model, tokenizer, config, adapter, path, revision, source
+    missing = tuple(sorted(info.get("missing_keys") or ()))
+    return model, tokenizer, config, adapter, path, revision, source, missing
 
 def _model_class(config, causal: bool):
     from transformers import (

@@ -1,7 +1,8 @@
 """Figures of `nwh gradients`, drawn from the neuron_gradients rows of a result.
 
 storage/reports/<name>/layer_<L>_gradients.png (histogram and per-unit values of each saved
-aggregate) and combined_gradients.png (their distribution per layer).
+aggregate) and combined_gradients.png (their distribution per layer); the units are the rows'
+kind: neurons, SAE features, or the dimensions of mlp_out / resid_post.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import polars as pl
 from pipeline.report.plots import plt, save_png  # plots picks the Agg backend first
 
 COLUMNS = {"mean": "grad_mean", "mean_abs": "grad_mean_abs"}
+# row kind -> (the differentiated tensor, one unit of it), for titles and axes
+LABELS = {"neuron": ("a", "neuron"), "sae_feature": ("f", "SAE feature"),
+          "mlp_out": ("mlp_out", "mlp_out dimension"),
+          "resid_post": ("resid_post", "resid_post dimension")}
 
 
 def draw(result, config, storage) -> list[Path]:
@@ -28,14 +33,15 @@ def draw(result, config, storage) -> list[Path]:
 
 
 def plot_layer(part: pl.DataFrame, layer: int, modes: list[str], kind: str, path: Path) -> Path:
+    tensor, unit = LABELS.get(kind, (kind, kind))
     fig, axes = plt.subplots(len(modes), 2, figsize=(11, 3.6 * len(modes)), squeeze=False)
     for row, mode in enumerate(modes):
         values = part[COLUMNS[mode]].to_numpy()
         axes[row, 0].hist(values, bins=60, color="#3b6ea5")
-        axes[row, 0].set(title=f"layer {layer}: {mode} dL/d{kind}", xlabel=mode, ylabel="count",
-                         yscale="log")
+        axes[row, 0].set(title=f"layer {layer}: {mode} dL/d{tensor}", xlabel=mode,
+                         ylabel="count", yscale="log")
         axes[row, 1].scatter(np.arange(len(values)), values, s=3)
-        axes[row, 1].set(title=f"layer {layer}: {mode} per {kind}", xlabel=f"{kind} index",
+        axes[row, 1].set(title=f"layer {layer}: {mode} per {unit}", xlabel=f"{unit} index",
                          ylabel=mode)
     fig.tight_layout()
     return save_png(fig, path)

@@ -12,6 +12,12 @@ perturbation_subset`; and, on held-out windows, the change in mean loss, KL(base
 ablated) of the next-token distributions and top-1 agreement with the baseline, for the
 subset and for --controls random subsets with the same number of neurons per layer
 (`ablation_effects`, one row per subset or control with the neuron ids it ablated).
+Encoders (masked LMs) cannot generate, so --prompts is refused for them; their held-out loss
+is the masked-LM loss: in each window MASK_FRACTION of the non-special tokens (at least one),
+drawn with --seed, are replaced by the tokenizer's mask token, and loss, KL and top-1
+agreement are taken at those positions. Both losses need the checkpoint's own LM / masked-LM
+head: a folder saved without it (a base model) is refused instead of scored through a random
+head.
 Zero ablation (the reference) or mean ablation (the neuron's mean over the run, from
 neuron_stats), applied at the neuron site through pipeline.models.hooks.
 Finished work is kept: runs/<run>/stages/ablate-<mode>.json records the config hash.
@@ -47,6 +53,7 @@ from pipeline.core.storage import Storage, atomic_path
 log = logging.getLogger(__name__)
 
 MODES = ("zero", "mean")
+MASK_FRACTION = 0.15  # BERT's share of masked tokens
 METRICS = ("delta_loss", "kl", "top1_agreement")
 
 
@@ -57,7 +64,8 @@ class AblationConfig(ModelOptions, WindowOptions, Progress):
     subset_files: list[str] = opt([], help=".npy files of global neuron ids (reference format)")
     prompts: str | None = opt(None, help="prompts CSV (default: the run's own prompts, if any)")
     mode: str = opt("zero", help="zero (the reference) or mean ablation", choices=MODES)
-    seed: int = opt(42, help="sampling seed (as in extraction)")
+    seed: int = opt(42, help="sampling seed (as in extraction); for an encoder, the seed of "
+                    "the masked positions of the held-out windows")
     temperature: float = opt(0.8, help="sampling temperature; 0 = greedy")
     top_k: int = opt(0, help="top-k filter of sampling; 0 = none")
     controls: int = opt(5, help="random subsets with the same per-layer counts, per subset")
@@ -156,6 +164,13 @@ def run(config: AblationConfig, storage: Storage) -> AblationResult:
     if not config.overwrite and marker.done(key):
         return stored_result(storage, config.run, config.mode)
     loaded = _load_run_model(config, manifest, storage)
+    if prompts and not loaded.is_causal:
+        raise UserError(f"the model of run {config.run!r} is an encoder, which cannot generate: "
+                        "drop --prompts (its ablation is measured by the masked-LM loss on "
+                        "held-out text)")
+    loaded.require_head("the held-out " + ("next-token" if loaded.is_causal else "masked-LM")
+                        + " loss")
+    batches = scored_batches(config, loaded)  # every input is checked before anything is written
     locations = {name: neuron_locations(ids, loaded.layer_offsets, loaded.widths)
                  for name, ids in subsets.items()}
     values = neuron_means(storage, config.run, loaded.widths) if config.mode == "mean" else None
@@ -165,7 +180,8 @@ def run(config: AblationConfig, storage: Storage) -> AblationResult:
         _write_generations(config, storage, generations)
     else:  # no prompts this time: an earlier config's generations are not this result's
         tables.drop_partition_parts(storage, "ablation_generations", config.run, config.mode)
-    effects = held_out_effects(config, loaded, variants(config, locations, loaded.widths), values)
+    effects = held_out_effects(config, loaded, variants(config, locations, loaded.widths), values,
+                               batches)
     tables.write_part(storage, "ablation_effects", config.run, effects.select(
         tables.schema("ablation_effects").names).to_arrow(), part=config.mode)
     summary = summarize(effects)
@@ -234,14 +250,18 @@ def generate_ablated(config: AblationConfig, loaded, prompts_path: str,
     """Generations of every prompt for the baseline `none` and every subset (one row each)."""
     import torch
 
-    from pipeline.models.generation import generate, prompt_generator
+    from pipeline.models.generation import check_positions, generate, prompt_generator
 
     prompts = read_prompts(prompts_path)
+    encoded = [loaded.tokenizer(p.text)["input_ids"] for p in prompts]
+    for i, (p, ids) in enumerate(zip(prompts, encoded)):
+        check_positions(loaded.model, len(ids) + p.new_tokens,
+                        f"prompt {i} with its number_of_new_tokens is too long; shorten it")
     rows = []
     for name, loc in [("none", {})] + list(locations.items()):
         with torch.inference_mode(), ablation_context(loaded, loc, values):
             for i, p in enumerate(prompts):
-                seqs = generate(loaded.model, loaded.tokenizer(p.text)["input_ids"],
+                seqs = generate(loaded.model, encoded[i],
                                 new_tokens=p.new_tokens, num_samples=p.num_samples,
                                 temperature=config.temperature, top_k=config.top_k,
                                 generator=prompt_generator(config.seed, i), device=loaded.device)
@@ -277,38 +297,99 @@ def variants(config: AblationConfig, locations: dict[str, dict[int, np.ndarray]]
     return out
 
 
-def _log_probs(model, ids):
+@dataclass
+class ScoredBatch:
+    """One batch of held-out windows and the positions its loss is taken at."""
+
+    inputs: object          # torch [B, T]: the ids the model reads (masked ones for an encoder)
+    targets: object         # torch [M]: the ids to predict at the scored positions
+    where: object | None    # torch bool [B, T]: the masked positions; None: every position
+                            # with a next token (causal)
+
+
+def mlm_masks(windows: list[list[int]], special_ids, seed: int) -> np.ndarray:
+    """[windows, length] bool: the masked positions of each window, MASK_FRACTION of its
+    non-special tokens (at least one, none if it has none), drawn without replacement by a
+    generator seeded with (seed, window index), so a window's mask is independent of the
+    batch size and of the other windows."""
+    ids = np.asarray(windows, dtype=np.int64)
+    eligible = ~np.isin(ids, np.asarray(sorted(special_ids), dtype=np.int64))
+    masks = np.zeros(ids.shape, dtype=bool)
+    for w in range(len(ids)):
+        positions = np.flatnonzero(eligible[w])
+        if len(positions):
+            rng = np.random.default_rng([seed % (1 << 63), w])
+            k = max(1, round(MASK_FRACTION * len(positions)))
+            masks[w, rng.choice(positions, k, replace=False)] = True
+    return masks
+
+
+def scored_batches(config: AblationConfig, loaded) -> list[ScoredBatch]:
+    """The held-out windows in batches: next-token targets for a causal LM, masked tokens
+    (mlm_masks) for an encoder; a one-line UserError for windows the model cannot score."""
     import torch
 
-    return torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+    from pipeline.models.generation import check_positions
+
+    windows = list(corpus_windows(config, loaded.tokenizer, causal=loaded.is_causal))
+    check_positions(loaded.model, len(windows[0]), "lower --max-length")
+    masks = None
+    if not loaded.is_causal:
+        mask_id = loaded.tokenizer.mask_token_id
+        if mask_id is None:
+            raise UserError(f"the tokenizer of model {loaded.name!r} has no mask token, which the "
+                            "masked-LM loss needs: use the checkpoint's own tokenizer")
+        masks = mlm_masks(windows, loaded.tokenizer.all_special_ids, config.seed)
+        if not masks.any():
+            raise UserError(f"corpus {config.corpus!r} gives windows of special tokens only, so "
+                            "the masked-LM loss has no token to mask: give text")
+    out = []
+    for s in range(0, len(windows), config.batch_size):
+        ids = torch.tensor(windows[s:s + config.batch_size], device=loaded.device)
+        if masks is None:
+            out.append(ScoredBatch(ids, ids[:, 1:].reshape(-1), None))
+            continue
+        where = torch.as_tensor(masks[s:s + config.batch_size], device=loaded.device)
+        out.append(ScoredBatch(ids.masked_fill(where, mask_id), ids[where], where))
+    return out
+
+
+def _log_probs(model, batch: ScoredBatch):
+    """[M, vocab] log-probabilities at the scored positions of a batch."""
+    import torch
+
+    logits = model(input_ids=batch.inputs).logits
+    logits = logits[:, :-1].reshape(-1, logits.shape[-1]) if batch.where is None \
+        else logits[batch.where]
+    return torch.log_softmax(logits.float(), -1)
 
 
 def held_out_effects(config: AblationConfig, loaded, variant_list: list,
-                     values: dict[int, np.ndarray] | None) -> pl.DataFrame:
+                     values: dict[int, np.ndarray] | None,
+                     batches: list[ScoredBatch] | None = None) -> pl.DataFrame:
     """Mean loss, KL(baseline || ablated) and top-1 agreement of every variant over the
-    held-out windows (one ablation_effects row each)."""
+    scored positions of the held-out windows (one ablation_effects row each)."""
     import torch
     from tqdm.auto import tqdm
 
-    windows = list(corpus_windows(config, loaded.tokenizer))
+    batches = scored_batches(config, loaded) if batches is None else batches
     sums = np.zeros((len(variant_list), 4))  # nll, kl, top-1 agreements, baseline nll
     tokens = 0
-    bar = tqdm(total=len(windows) * len(variant_list), disable=config.quiet,
-               desc="ablation effects")
+    bar = tqdm(total=sum(len(b.inputs) for b in batches) * len(variant_list),
+               disable=config.quiet, desc="ablation effects")
     with torch.inference_mode():
-        for s in range(0, len(windows), config.batch_size):
-            ids = torch.tensor(windows[s:s + config.batch_size], device=loaded.device)
-            target = ids[:, 1:, None]
-            base = _log_probs(loaded.model, ids)
+        for batch in batches:
+            target = batch.targets[:, None]
+            base = _log_probs(loaded.model, batch)
             base_nll, base_top = -base.gather(-1, target).sum(), base.argmax(-1)
             tokens += target.numel()
             for v, (_, _, _, loc) in enumerate(variant_list):
                 with ablation_context(loaded, loc, values):
-                    abl = _log_probs(loaded.model, ids)
+                    abl = _log_probs(loaded.model, batch)
                 sums[v] += [float(-abl.gather(-1, target).sum()),
                             float((base.exp() * (base - abl)).sum()),
                             float((abl.argmax(-1) == base_top).sum()), float(base_nll)]
-                bar.update(len(ids))
+                bar.update(len(batch.inputs))
     bar.close()
     return pl.DataFrame([{
         "subset": name, "kind": kind, "control_index": c, "mode": config.mode,

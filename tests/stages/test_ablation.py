@@ -340,3 +340,225 @@ def test_unknown_neurons_refused():
 def test_bad_config(kw, match):
     with pytest.raises(UserError, match=match):
         AblationConfig(run="a", **kw)
+
+
+# -- encoders: no generation, the masked-LM loss only through the checkpoint's own head
+
+
+def save_micro_bert(directory, *, head: bool = True, wordpiece: bool = True):
+    """A random micro BERT (2 layers x 48 neurons) saved with its masked-LM head, or only its
+    trunk (a BertModel folder); with a WordPiece tokenizer that has [MASK], or the micro BPE one
+    that has no mask token."""
+    import transformers as tf
+    from tokenizers import BertWordPieceTokenizer
+
+    from pipeline.models.micro import make_tokenizer, synthetic_texts
+
+    if wordpiece:
+        wp = BertWordPieceTokenizer(lowercase=True)
+        wp.train_from_iterator(synthetic_texts(200), vocab_size=200, show_progress=False)
+        tok = tf.BertTokenizerFast(tokenizer_object=wp._tokenizer)
+        tok.save_pretrained(directory)
+    else:
+        tok = make_tokenizer(directory)
+    torch.manual_seed(5)
+    model = tf.BertForMaskedLM(tf.BertConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=200 if not wordpiece else len(tok), max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id or 0))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.normal_(0, 0.3)
+    (model if head else model.bert).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+BERT_WIDTH = 48
+BERT_IDS = np.array([2, 9, 30, 50, 77])  # layers 0, 0, 0, 1, 1
+
+
+@pytest.fixture(scope="module")
+def encoder_run(tmp_path_factory, corpus_file):
+    root = tmp_path_factory.mktemp("enc")
+    storage = Storage(root / "store")
+    bert = save_micro_bert(root / "bert")
+    extract(storage, "e", "--model", str(bert), "--corpus", str(corpus_file), "--num-samples", "8",
+            "--max-length", "16")
+    np.save(root / "sub.npy", BERT_IDS)
+    csv = root / "p.csv"
+    csv.write_text(PROMPTS)
+    return storage, bert, root
+
+
+def files_under(root) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def encoder_config(storage, root, corpus_file, **kw) -> AblationConfig:
+    values = dict(run="e", subset_files=[str(root / "sub.npy")], corpus=str(corpus_file),
+                  num_samples=5, max_length=12, batch_size=2, controls=2, device="cpu", quiet=True)
+    return AblationConfig(**{**values, **kw})
+
+
+def fed_inputs(monkeypatch):
+    """The input_ids of every forward of the loaded model, read back by a pre-hook."""
+    from pipeline.models import loading
+
+    seen: list[torch.Tensor] = []
+    real = loading.load_model
+
+    def load_and_watch(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        loaded.model.register_forward_pre_hook(
+            lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+        return loaded
+
+    monkeypatch.setattr(loading, "load_model", load_and_watch)
+    return seen
+
+
+def test_encoder_masked_lm_loss_by_hand(encoder_run, corpus_file, monkeypatch):
+    """Masks read back from the inputs fed to the model: about 15% of each window's non-special
+    tokens, replaced by [MASK]; loss, KL and top-1 at exactly those positions equal torch's
+    cross-entropy on the logits of an unhooked model and of a hand-written zero hook."""
+    from transformers import AutoModelForMaskedLM
+
+    from pipeline.core.inputs import framing_for
+
+    storage, bert, root = encoder_run
+    seen = fed_inputs(monkeypatch)
+    result = run(encoder_config(storage, root, corpus_file), storage)
+    tok = AutoTokenizer.from_pretrained(bert)
+    originals = torch.tensor(list(iter_windows(
+        iter_documents(str(corpus_file)), tok, max_length=12, num_samples=5,
+        framing=framing_for(tok, causal=False))))
+    # 3 batches (2, 2, 1 windows), each fed once as baseline and once per variant (1 + 2)
+    assert [len(x) for x in seen] == [2] * 4 + [2] * 4 + [1] * 4
+    fed = torch.cat([seen[0], seen[4], seen[8]])
+    for k in range(12):  # every forward of a batch reads the same masked ids
+        assert torch.equal(seen[k], fed[(k // 4) * 2:(k // 4) * 2 + len(seen[k])])
+    masked = fed != originals
+    special = torch.isin(originals, torch.tensor(tok.all_special_ids))
+    assert (fed[masked] == tok.mask_token_id).all() and not (masked & special).any()
+    for w in range(5):
+        eligible = int((~special[w]).sum())
+        assert int(masked[w].sum()) == max(1, round(0.15 * eligible)), w
+    assert (originals[:, 0] == tok.cls_token_id).all() and (originals[:, -1] == tok.sep_token_id).all()
+
+    model = AutoModelForMaskedLM.from_pretrained(bert).eval()
+
+    def zero_hook(ids):
+        handles = []
+        for layer, block in enumerate(model.bert.encoder.layer):
+            local = [int(i) - layer * BERT_WIDTH for i in ids if int(i) // BERT_WIDTH == layer]
+            if local:
+                def hook(_m, args, local=local):
+                    x = args[0].clone()
+                    x[..., local] = 0
+                    return (x,)
+                handles.append(block.output.dense.register_forward_pre_hook(hook))
+        return handles
+
+    def logits(ids=()):
+        handles = zero_hook(ids)
+        try:
+            with torch.no_grad():
+                return model(fed).logits[masked].double()
+        finally:
+            for h in handles:
+                h.remove()
+
+    target = originals[masked]
+    base = logits()
+    base_lp = torch.log_softmax(base, -1)
+    for row in result.effects.iter_rows(named=True):
+        abl = logits(row["neuron_ids"])
+        abl_lp = torch.log_softmax(abl, -1)
+        loss = torch.nn.functional.cross_entropy(abl, target)
+        base_loss = torch.nn.functional.cross_entropy(base, target)
+        assert row["tokens"] == int(masked.sum())
+        assert row["loss"] == pytest.approx(float(loss), abs=1e-5)
+        assert row["baseline_loss"] == pytest.approx(float(base_loss), abs=1e-5)
+        assert row["kl"] == pytest.approx(float((base_lp.exp() * (base_lp - abl_lp)).sum(-1)
+                                                .mean()), abs=1e-6)
+        assert row["top1_agreement"] == pytest.approx(
+            float((abl.argmax(-1) == base.argmax(-1)).double().mean()))
+    assert result.effects.filter(result.effects["kind"] == "subset")["delta_loss"][0] != 0
+
+
+def test_encoder_masks_follow_the_seed(encoder_run, corpus_file, monkeypatch):
+    storage, _, root = encoder_run
+    masks = {}
+    for seed, name in ((42, "a"), (42, "b"), (7, "c")):
+        seen = fed_inputs(monkeypatch)
+        run(encoder_config(storage, root, corpus_file, seed=seed, controls=0, overwrite=True,
+                           batch_size=5 if name == "b" else 2), storage)
+        masks[name] = torch.cat(seen[0::2])  # each batch: a baseline and a subset forward
+        assert len(masks[name]) == 5
+    assert torch.equal(masks["a"], masks["b"])  # the same masks whatever the batch size
+    assert not torch.equal(masks["a"], masks["c"])
+
+
+@pytest.mark.parametrize("case", ["prompts", "headless", "no-mask-token"])
+def test_encoder_refusals_write_nothing(encoder_run, corpus_file, tmp_path, capsys, case):
+    storage, _, root = encoder_run
+    args = ["ablate", "--storage", str(storage.root), "--run", "e", "--subset-files",
+            str(root / "sub.npy"), "--corpus", str(corpus_file), "--num-samples", "2",
+            "--max-length", "12", "--controls", "1", "--device", "cpu", "--quiet", "--overwrite"]
+    if case == "prompts":
+        args += ["--prompts", str(root / "p.csv")]
+        message = "is an encoder, which cannot generate: drop --prompts"
+    elif case == "headless":
+        args += ["--model", str(save_micro_bert(tmp_path / "base", head=False))]
+        message = "does not ship the weights of its masked-LM head (cls.predictions"
+    else:
+        args += ["--model", str(save_micro_bert(tmp_path / "bpe", wordpiece=False))]
+        message = "has no mask token"
+    before = files_under(storage.root)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert files_under(storage.root) == before
+
+
+def test_generate_refuses_an_encoder(encoder_run):
+    from transformers import AutoModelForMaskedLM
+
+    from pipeline.models.generation import generate
+
+    model = AutoModelForMaskedLM.from_pretrained(encoder_run[1]).eval()
+    with pytest.raises(UserError, match="not a causal LM and cannot generate"):
+        generate(model, [2, 10, 11], new_tokens=3, num_samples=1, temperature=0, top_k=0,
+                 generator=torch.Generator(), device=torch.device("cpu"))
+
+
+def test_causal_refusals_write_nothing(runs, corpus_file, tmp_path, capsys):
+    """A base-model folder without an LM head, and windows longer than the context."""
+    import transformers as tf
+
+    from pipeline.models.micro import make_tokenizer
+
+    storage, csv = runs
+    tok = make_tokenizer(tmp_path / "trunk")
+    torch.manual_seed(0)
+    config = tf.GPT2Config(n_layer=3, n_embd=32, n_head=4, n_inner=40, n_positions=128,
+                           vocab_size=len(tok), tie_word_embeddings=False)
+    tf.GPT2Model(config).save_pretrained(tmp_path / "trunk")
+    before = files_under(storage.root)
+    common = ["ablate", "--storage", str(storage.root), "--run", "r", "--subset-files",
+              str(storage.root / "five.npy"), "--corpus", str(corpus_file), "--num-samples", "2",
+              "--controls", "0", "--device", "cpu", "--quiet", "--overwrite"]
+    capsys.readouterr()
+    assert main(common + ["--model", str(tmp_path / "trunk"), "--max-length", "8"]) == 2
+    assert "does not ship the weights of its LM head (lm_head.weight" in capsys.readouterr().err
+    assert main(common + ["--max-length", "200"]) == 2
+    assert "200 positions are needed but the model has 128" in capsys.readouterr().err
+    assert main(common + ["--max-length", "8", "--prompts", str(tmp_path / "long.csv")]) == 2
+    capsys.readouterr()
+    (tmp_path / "long.csv").write_text('prompts,number_of_new_tokens,num_samples\n"the value",'
+                                       '130,1\n')
+    assert main(common + ["--max-length", "8", "--prompts", str(tmp_path / "long.csv")]) == 2
+    assert "prompt 0 with its number_of_new_tokens is too long" in capsys.readouterr().err
+    assert files_under(storage.root) == before

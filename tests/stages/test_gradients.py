@@ -11,6 +11,7 @@ import transformers as tf
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.core import tables
 from pipeline.core.errors import UserError
 from pipeline.core.inputs import iter_documents, iter_windows
 from pipeline.core.storage import Storage
@@ -214,3 +215,245 @@ def test_bad_config(tmp_path):
     make_sae(tmp_path / "odd", d_in=8, hook="blocks.0.attn.hook_z")
     with pytest.raises(UserError, match="not supported"):
         GradientConfig(model="x", sae=str(tmp_path / "odd"))
+
+
+# -- --loss and --site against autograd on hooks written here, on GPT-2, Llama, Gemma 2, GPT-Neo
+
+
+H = 32  # d_model of the micro models below
+
+
+def save_family(kind: str, directory, *, head: bool = True):
+    """A random micro model of a family with the micro tokenizer, saved in HF format; head=False
+    saves only the trunk (a base-model folder, no LM head weights)."""
+    tok = make_tokenizer(directory)
+    special = dict(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                   pad_token_id=tok.eos_token_id, vocab_size=len(tok))
+    dec = dict(hidden_size=H, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=64, **special)
+    torch.manual_seed(3)
+    if kind == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=H, n_head=4, n_inner=48,
+                                                 n_positions=64, **special))
+    elif kind == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**dec))
+    elif kind == "gemma2":  # a post-MLP norm: dL/d(mlp_out) differs from dL/d(resid_post)
+        model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**dec, head_dim=8))
+    else:  # gpt_neo: its blocks return a tuple
+        model = tf.GPTNeoForCausalLM(tf.GPTNeoConfig(
+            hidden_size=H, num_layers=2, num_heads=4, intermediate_size=48,
+            max_position_embeddings=64, window_size=4,
+            attention_types=[[["global", "local"], 1]], **special))
+    with torch.no_grad():  # non-zero biases and norm weights, so a wrong site would show
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.normal_(0, 0.3)
+    (model if head else model.base_model).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def modules_of(model, kind: str, site: str, layer: int):
+    """(module, hooked at its output?) of a site, by the transformers attribute names."""
+    if kind in ("gpt2", "gpt_neo"):
+        block = model.transformer.h[layer]
+        proj = block.mlp.c_proj
+    else:
+        block = model.model.layers[layer]
+        proj = block.mlp.down_proj
+    return {"neurons": (proj, False), "mlp_out": (proj, True), "resid_post": (block, True)}[site]
+
+
+def retained_grads(model, kind: str, site: str, ids, layers=(0, 1), loss="sum"):
+    """dL/dx of the site at each layer, by .retain_grad() and .backward() (no autograd.grad)."""
+    kept = {}
+
+    def keep(layer):
+        def pre(_m, args):
+            args[0].retain_grad()
+            kept[layer] = args[0]
+
+        def post(_m, _args, out):
+            x = out[0] if isinstance(out, tuple) else out
+            x.retain_grad()
+            kept[layer] = x
+        return pre, post
+
+    handles = []
+    for l in layers:
+        module, at_output = modules_of(model, kind, site, l)
+        pre, post = keep(l)
+        handles.append(module.register_forward_hook(post) if at_output
+                       else module.register_forward_pre_hook(pre))
+    try:
+        logits = model(ids).logits[:, :-1].double()
+        total = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+            reduction="mean" if loss == "mean" else "sum")
+        total.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    return {l: kept[l].grad[:, :-1].reshape(-1, kept[l].shape[-1]).double() for l in layers}
+
+
+def assert_matches(res, grads, layers=(0, 1)):
+    for l in layers:
+        g = grads[l]
+        assert g.abs().sum() > 0
+        scale = float(g.abs().mean(0).max())
+        np.testing.assert_allclose(res.layers[l]["mean"], g.mean(0).numpy(), rtol=1e-4,
+                                   atol=1e-6 * scale)
+        np.testing.assert_allclose(res.layers[l]["mean_abs"], g.abs().mean(0).numpy(), rtol=1e-4,
+                                   atol=1e-6 * scale)
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {k: save_family(k, root / k) for k in ("gpt2", "llama", "gemma2", "gpt_neo")}
+
+
+@pytest.mark.parametrize("loss", ["sum", "mean"])
+def test_loss_sum_and_mean_equal_autograd(tmp_path, family_dirs, corpus_file, loss):
+    """--loss mean: the cross-entropy averaged over all predicted tokens of all windows; its
+    gradients are those of one mean over the whole 4-window batch, though the stage runs
+    batches of 3 and 1."""
+    model_dir = family_dirs["llama"]
+    res = run(config(model_dir, corpus_file, loss=loss, batch_size=3, aggregation_mode="both",
+                     prepend_bos=False, name=f"l-{loss}"), Storage(tmp_path))
+    model = AutoModelForCausalLM.from_pretrained(model_dir).double().eval()
+    ids = windows(model_dir, corpus_file)
+    assert_matches(res, retained_grads(model, "llama", "neurons", ids, loss=loss))
+    if loss == "mean":
+        summed = run(config(model_dir, corpus_file, batch_size=3, prepend_bos=False, name="l-s"),
+                     Storage(tmp_path))
+        np.testing.assert_allclose(res.layers[1]["mean_abs"] * ids[:, 1:].numel(),
+                                   summed.layers[1]["mean_abs"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind, site", [
+    ("gpt2", "mlp_out"), ("gpt2", "resid_post"), ("llama", "neurons"), ("llama", "mlp_out"),
+    ("llama", "resid_post"), ("gemma2", "mlp_out"), ("gemma2", "resid_post"),
+    ("gpt_neo", "resid_post")])
+def test_site_gradient_equals_autograd(tmp_path, family_dirs, corpus_file, kind, site):
+    model_dir = family_dirs[kind]
+    storage = Storage(tmp_path)
+    res = run(config(model_dir, corpus_file, site=site, aggregation_mode="both",
+                     prepend_bos=False), storage)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).double().eval()
+    ids = windows(model_dir, corpus_file)
+    assert_matches(res, retained_grads(model, kind, site, ids))
+    width = 48 if site == "neurons" else H
+    frame = tables.read_partition(storage, "neuron_gradients", res.name).to_pydict()
+    assert set(frame["kind"]) == {"neuron" if site == "neurons" else site}
+    assert len(frame["kind"]) == 2 * width
+    assert frame["neuron_id"] == ([l * 48 + i for l in (0, 1) for i in range(48)]
+                                  if site == "neurons" else [-1] * (2 * width))
+    assert f"gradients_{site}_" in res.name
+    assert load_gradient_results(storage.reports(res.name))["metadata"]["site"] == site
+
+
+def test_gemma2_mlp_out_and_resid_post_differ(tmp_path, family_dirs, corpus_file):
+    """With a post-MLP norm the two sites are different tensors (in pre-norm families like
+    GPT-2 or Llama the gradients coincide: resid_post = resid_mid + mlp_out)."""
+    got = {site: run(config(family_dirs["gemma2"], corpus_file, site=site, prepend_bos=False),
+                     Storage(tmp_path)).layers[0]["mean_abs"] for site in ("mlp_out", "resid_post")}
+    assert not np.allclose(got["mlp_out"], got["resid_post"], rtol=1e-3)
+
+
+def test_frozen_weights_still_give_gradients(tmp_path, family_dirs, corpus_file, monkeypatch):
+    """Weights with requires_grad off (nothing before layer 0 needs grad): same result."""
+    from pipeline.models import loading
+
+    model_dir = family_dirs["llama"]
+    c = dict(site="resid_post", prepend_bos=False, aggregation_mode="both")
+    free = run(config(model_dir, corpus_file, name="free", **c), Storage(tmp_path))
+    real = loading.load_model
+
+    def frozen(*a, **k):
+        loaded = real(*a, **k)
+        loaded.model.requires_grad_(False)
+        return loaded
+
+    monkeypatch.setattr(loading, "load_model", frozen)
+    for site in ("resid_post", "neurons"):
+        kept = run(config(model_dir, corpus_file, name=f"frozen-{site}", **{**c, "site": site}),
+                   Storage(tmp_path))
+        if site == "resid_post":
+            np.testing.assert_allclose(kept.layers[0]["mean"], free.layers[0]["mean"], rtol=1e-6)
+        assert np.abs(kept.layers[0]["mean_abs"]).sum() > 0
+
+
+@pytest.mark.parametrize("hook, site", [("blocks.1.hook_mlp_out", "mlp_out"),
+                                        ("blocks.1.hook_resid_post", "resid_post")])
+def test_output_site_sae_gradient_equals_autograd(tmp_path, family_dirs, corpus_file, hook, site):
+    """An SAE spliced at the output of the MLP projection / of block 1 of Gemma 2 (where the two
+    differ), against a splice written here by a forward hook, dL/df by .backward()."""
+    model_dir = family_dirs["gemma2"]
+    w = make_sae(tmp_path / "sae", d_in=H, hook=hook, seed=4)
+    res = run(config(model_dir, corpus_file, sae=str(tmp_path / "sae"), prepend_bos=False,
+                     name="o"), Storage(tmp_path / "s"))
+    assert res.kind == "sae_feature" and list(res.layers) == [1]
+    model = AutoModelForCausalLM.from_pretrained(model_dir).double().eval()
+    ids = windows(model_dir, corpus_file)
+    features = []
+
+    def splice(_m, _args, out):
+        x = out[0] if isinstance(out, tuple) else out
+        f = encode(w, x)
+        f.retain_grad()
+        features.append(f)
+        x_hat = f @ w["W_dec"].double() + w["b_dec"].double()
+        new = x_hat + (x - x_hat).detach()
+        return (new, *out[1:]) if isinstance(out, tuple) else new
+
+    module, _ = modules_of(model, "gemma2", site, 1)
+    handle = module.register_forward_hook(splice)
+    try:
+        summed_loss(model, ids).backward()
+    finally:
+        handle.remove()
+    g = features[0].grad[:, :-1].reshape(-1, 16)
+    assert_matches(res, {1: g}, layers=(1,))
+
+
+def test_refusals_write_nothing(tmp_path, family_dirs, corpus_file):
+    storage = Storage(tmp_path / "s")
+    headless = save_family("llama", tmp_path / "base", head=False)
+    with pytest.raises(UserError, match="does not ship the weights of its LM head.*lm_head"):
+        run(config(headless, corpus_file), storage)
+    with pytest.raises(UserError, match="positions are needed but the model has 64"):
+        run(config(family_dirs["gpt2"], corpus_file, max_length=80), storage)
+    make_sae(tmp_path / "wide", d_in=48, hook="blocks.0.hook_resid_post")
+    with pytest.raises(UserError, match="48-wide vectors but blocks.0.hook_resid_post.* 32 wide"):
+        run(config(family_dirs["gpt2"], corpus_file, sae=str(tmp_path / "wide")), storage)
+    assert not storage.root.exists() or not any(p.is_file() for p in storage.root.rglob("*"))
+
+
+def test_cli_refuses_a_headless_folder(tmp_path, corpus_file):
+    from pipeline.cli import main
+
+    headless = save_family("llama", tmp_path / "base", head=False)
+    assert main(["gradients", "--storage", str(tmp_path / "s"), "--model", str(headless),
+                 "--corpus", str(corpus_file), "--device", "cpu", "--num-samples", "2",
+                 "--max-length", "8", "--quiet"]) == 2
+    assert not any(p.is_file() for p in (tmp_path / "s").rglob("*"))
+
+
+def test_bad_site_and_loss(tmp_path):
+    with pytest.raises(UserError, match="--site"):
+        GradientConfig(model="x", site="attn_out")
+    with pytest.raises(UserError, match="--loss"):
+        GradientConfig(model="x", loss="max")
+    make_sae(tmp_path / "s", d_in=8, hook="blocks.0.hook_resid_post")
+    with pytest.raises(UserError, match="--site mlp_out with --sae"):
+        GradientConfig(model="x", sae=str(tmp_path / "s"), site="mlp_out")
+    for hook in ("blocks.3.hook_mlp_out", "blocks.0.hook_resid_post", "blocks.2.hook_resid_pre"):
+        (tmp_path / "s" / "cfg.json").write_text(json.dumps({"hook_name": hook}))
+        GradientConfig(model="x", sae=str(tmp_path / "s"))
+    save_file({"W_enc": torch.zeros(8, 4), "b_enc": torch.zeros(4), "W_dec": torch.zeros(4, 9),
+               "b_dec": torch.zeros(8)}, str(tmp_path / "s" / "sae_weights.safetensors"))
+    from pipeline.stages.gradients import load_sae
+
+    with pytest.raises(UserError, match=r"W_dec \(4, 9\)"):
+        load_sae(tmp_path / "s", "cpu", torch.float32)
