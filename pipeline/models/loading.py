@@ -57,6 +57,15 @@ class LoadedModel:
                             f"({named} would be random), which {purpose} needs: use a "
                             f"checkpoint saved with its head (a ...{cls} folder)")
 
+    def require_dense(self, purpose: str) -> None:
+        """A one-line UserError for a mixture-of-experts model: its neurons are computed inside
+        the fused experts, where no hook edits or differentiates them one by one."""
+        if self.adapter.moe:
+            raise UserError(f"model {self.name!r} is a mixture of experts ({self.adapter.family}),"
+                            f" whose neurons live inside fused expert weights: {purpose} supports"
+                            " dense models only (extraction, co-activation, graphs and dormancy"
+                            " support mixtures of experts)")
+
     @property
     def n_layers(self) -> int:
         return len(self.sites)

@@ -207,6 +207,7 @@ def _load_run_model(config: AblationConfig, manifest: dict, storage: Storage):
     revision = config.revision if config.model else manifest["model"].get("revision")
     loaded = load_model(name, revision, storage=storage, for_generation=True,
                         **config.model_kwargs())
+    loaded.require_dense("ablation")
     if loaded.widths != manifest["model"]["widths"]:
         raise UserError(f"model {name!r} has layer widths {loaded.widths}, not those of run "
                         f"{config.run!r}: pass the run's model")

@@ -210,6 +210,7 @@ def run(config: GradientConfig, storage: Storage) -> GradientResult:
     if not loaded.is_causal:
         raise UserError(f"model {config.model!r} is not a causal LM: the next-token loss needs one")
     loaded.require_head("the next-token loss")
+    loaded.require_dense("gradient importance")
     sae = load_sae(config.sae, loaded.device, loaded.dtype) if config.sae else None
     if sae and sae.layer >= loaded.n_layers:
         raise UserError(f"the SAE hooks layer {sae.layer} but the model has {loaded.n_layers} "

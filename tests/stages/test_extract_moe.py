@@ -58,11 +58,11 @@ def moe_run(request, tmp_path_factory, corpus_file):
     for layer in range(2):
         x, _ = mlp_io(model, layer, ids)
         ref[layer] = None if layer in CASES[name].dense else truth(model, CASES[name], layer, x)
-    return name, storage, ref
+    return name, storage, ref, directory
 
 
 def test_neurons_are_layer_expert_index(moe_run):
-    name, storage, _ = moe_run
+    name, storage, _, _ = moe_run
     case = CASES[name]
     neurons = tables.read_partition(storage, "neurons", "m").sort_by("neuron_id").to_pydict()
     for layer in range(2):
@@ -74,7 +74,7 @@ def test_neurons_are_layer_expert_index(moe_run):
 
 
 def test_routing_masks_and_statistics_follow_the_routed_tokens(moe_run):
-    name, storage, ref = moe_run
+    name, storage, ref, _ = moe_run
     manifest = read_json(storage.run_manifest("m"))
     assert manifest["active"]["rule"] == "gate" and manifest["model"]["gated"]
     group = arrays.open_group(storage.arrays("m"), mode="r")
@@ -109,10 +109,30 @@ def test_routing_masks_and_statistics_follow_the_routed_tokens(moe_run):
 
 
 def test_coactivation_of_expert_neurons(moe_run):
-    name, storage, ref = moe_run
+    name, storage, ref, _ = moe_run
     coactivate(CoactivationConfig(run="m", quiet=True), storage)
     group = arrays.open_group(storage.arrays("m"), mode="r")
     widths = read_json(storage.run_manifest("m"))["model"]["widths"]
     masks = [arrays.unpack_mask(group[f"active/L{l}"][:], widths[l]).astype(np.int64)
              for l in range(2)]
     assert np.array_equal(read_counts(storage, "m", 0, 1), masks[0].T @ masks[1])
+
+
+def test_ablation_and_gradients_refuse_a_mixture_of_experts_in_one_line(moe_run, tmp_path,
+                                                                        corpus_file, capsys):
+    from reference import files_of
+
+    from pipeline.cli import main
+
+    _, storage, _, directory = moe_run
+    subset = tmp_path / "s.npy"
+    np.save(subset, np.array([0, 1], np.int64))
+    before = files_of(storage.root)
+    for argv in (["ablate", "--run", "m", "--subset-files", str(subset), "--corpus",
+                  str(corpus_file), "--num-samples", "2", "--max-length", "8"],
+                 ["gradients", "--model", str(directory), "--corpus", str(corpus_file),
+                  "--num-samples", "2", "--max-length", "8"]):
+        code = main([argv[0], "--storage", str(storage.root), "--quiet", *argv[1:]])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "mixture of experts" in err, err
+    assert files_of(storage.root) == before
