@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from pipeline.core.errors import UserError
 from pipeline.models.adapters import Adapter, NeuronSite
 
 
@@ -33,6 +34,15 @@ class NeuronBlock:
 
 def _selected(sites: Sequence[NeuronSite], layers: Sequence[int] | None) -> list[NeuronSite]:
     return list(sites) if layers is None else [sites[i] for i in layers]
+
+
+def _dense(sites: Sequence[NeuronSite]) -> None:
+    """The module of a mixture-of-experts site reads the experts' input, not the neurons: only
+    capture_blocks computes those; a hook that takes the input for the neurons is refused."""
+    moe = [s.layer for s in sites if getattr(s, "expert", None) is not None]
+    if moe:
+        raise UserError(f"layers {moe} are mixture-of-experts layers, whose neurons live inside "
+                        "fused expert weights: this stage supports dense layers only")
 
 
 @contextmanager
@@ -57,6 +67,7 @@ def capture_neurons(
                 captured[layer] = x
         return hook
 
+    _dense(_selected(sites, layers))
     try:
         for site in _selected(sites, layers):
             handles.append(site.module.register_forward_pre_hook(make(site.layer)))
@@ -121,6 +132,7 @@ def edit_neurons(
     sites: Sequence[NeuronSite], edits: dict[int, Callable[[torch.Tensor], torch.Tensor]],
 ) -> Iterator[None]:
     """Replace the neuron vector x of layer l with edits[l](x) on every forward."""
+    _dense([sites[l] for l in edits])
     handles = []
 
     def make(edit):

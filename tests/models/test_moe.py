@@ -307,3 +307,19 @@ def test_a_mixture_of_experts_without_an_entry_is_refused_in_one_line():
     message = str(e.value)
     assert "\n" not in message and "'olmoe' is a mixture of experts (4 experts" in message
     assert "mixtral, qwen2_moe, qwen3_moe" in message
+
+
+def test_neuron_hooks_other_than_capture_blocks_refuse_moe_layers():
+    """capture_neurons and edit_neurons read or replace the input of a site's module, which on
+    an MoE layer is the experts' input, not the neurons: refused in one line."""
+    from pipeline.models.hooks import capture_neurons, edit_neurons
+
+    model = build("mixtral")
+    sites = adapter_for(model).sites(model)
+    with pytest.raises(UserError, match="mixture-of-experts layers") as e:
+        with capture_neurons(sites):
+            pass
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="mixture-of-experts layers"):
+        with edit_neurons(sites, {1: lambda x: x}):
+            pass
