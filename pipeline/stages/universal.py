@@ -1,30 +1,50 @@
 """Stage `universal`: neurons that correlate across models trained with different seeds.
 
     nwh universal --models zoo-s0 zoo-s1 zoo-s2
-    nwh universal --models zoo-s0 zoo-s1 --baseline permutation --threshold 0.3 --min-models 1
+    nwh universal --models zoo-s0 zoo-s1 --baseline permutation --rule per-model --threshold 0.3
+    nwh universal --models gpt2-a gpt2-b --cache none --block-memory 16
 
-The same token windows go through every model (their tokenizers must agree). Out of core:
-  1. each model's activations of every layer are cached in runs/<name>/arrays.zarr
-     (acts/m<i>/L<l>, float32 [T, d]), with streaming moments of the reference (the first);
-  2. for every other model B and every layer pair (a of the reference, b of B), the Pearson
-     correlations come from float64 sums whose cross term is a matrix product over token chunks
-     (pipeline.kernels.correlation); only that pair's [d_a, d_b] block is in memory; it is
-     written to corr/m<i>/L<a>_L<b> and folded into the per-neuron maxima at once;
-  3. the same for a baseline of B: a fixed-seed random rotation (orthogonal), a Gaussian mixing
-     with unit-norm rows, or a fixed permutation of the token rows.
-Per reference neuron and model B (`correlation_summary`): max correlation, its argmax neuron,
-the baseline max; excess = max - baseline. Universal iff excess > --threshold for at least
---min-models models (`universal_neurons`). The reference's weight and activation properties
-go to `neuron_properties` under the result name, their means per group to
-`universal_properties`. The arrays folder appears whole (written under a temporary name); a
-rerun with the same config reads the stored result (runs/<name>/stages/universal.json).
+Universal neurons as Gurnee et al. (2024, github.com/wesg52/universal-neurons) define them. The
+same token windows go through every model (their tokenizers must agree); the rows of --exclude
+(default pad,newline: the reference drops pad and newline tokens; a tokenizer without a pad
+token pads with EOS) and of --skip-positions are left out. For every other model B, every
+neuron of the reference (the first model) gets its max Pearson correlation over B's neurons of
+all layers, the argmax neuron, and the max over the neurons of a baseline of B:
+  rotation     B's activations mixed by a Gaussian matrix with unit-norm rows (the reference's
+               `rotation`, one matrix per model and layer)
+  orthogonal   mixed by a Haar-random orthogonal matrix (one per model and layer)
+  gaussian     B replaced by gelu of standard normals (the reference's `gaussian`)
+  permutation  B's token rows shuffled within each batch of --baseline-batch windows, the same
+               shuffle for every layer (as the reference shuffles each batch)
+Every model and layer has its own seed, derived from --seed. The flag (`universal_neurons`):
+  paper      excess = mean over models of max_corr - mean of baseline_max > --threshold (0.5)
+  per-model  max_corr - baseline_max > --threshold in at least --min-models models
+
+Out of core: the correlations of a layer pair (a of the reference, b of B) come from float64
+sums about per-neuron shifts whose cross term is a matrix product over token batches
+(pipeline.kernels.correlation); only the blocks of one pass, at most --block-memory GB with the
+batch activations, are in memory. --cache float16 (default) or float32 first writes every
+model's activations of the included rows to a cache in the arrays folder (2 bytes per neuron
+and token in float16), read once per pass and deleted at the end; --cache none recomputes the
+forwards of the reference and B in every pass instead, so disk stays bounded by the blocks.
+Either way each pass reads or computes every layer it needs once per batch, and builds each
+baseline matrix of its layers once (passes go by B's layer, so a layer's baseline is in one
+pass or few). Each pair's block is written to corr/m<i>/L<a>_L<b> (float32; not with
+--no-save-blocks) and folded into the per-neuron maxima at once.
+
+The reference's weight and activation properties go to `neuron_properties` under the result
+name, their means per group to `universal_properties`. The arrays folder appears whole (written
+under a temporary name); a rerun with the same config reads the stored result
+(runs/<name>/stages/universal.json).
 """
 
 from __future__ import annotations
 
+import gc
+import itertools
 import logging
-from dataclasses import dataclass
-from typing import Iterator
+import shutil
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
@@ -33,6 +53,7 @@ from pipeline.core import arrays, tables
 from pipeline.core.config import (
     ModelOptions,
     Progress,
+    RowFilter,
     Stage,
     WindowOptions,
     config_hash,
@@ -46,22 +67,42 @@ from pipeline.kernels.correlation import CHUNK_ROWS, PairCorrelation
 
 log = logging.getLogger(__name__)
 
-BASELINES = ("rotation", "gaussian", "permutation")
+BASELINES = ("rotation", "orthogonal", "gaussian", "permutation")
+RULES = ("paper", "per-model")
+CACHES = ("float16", "float32", "none")
+FLOAT16_MAX = 65504.0
+GB = 1 << 30
 PROPERTY_COLUMNS = ("w_in_norm", "w_out_norm", "input_bias", "in_out_sim", "l2_penalty",
                     "vocab_mean", "vocab_var", "vocab_skew", "vocab_kurt", "act_mean", "act_var",
                     "sparsity")
 
 
 @dataclass(kw_only=True)
-class UniversalConfig(ModelOptions, WindowOptions, Progress):
+class UniversalConfig(ModelOptions, WindowOptions, RowFilter, Progress):
     models: list[str] = opt(help="two or more models (the first is the reference), e.g. zoo-s0 "
                             "zoo-s1 zoo-s2")
-    baseline: str = opt("rotation", help="rotation (orthogonal), gaussian (unit-norm rows) "
-                        "or permutation (of token rows)", choices=BASELINES)
-    threshold: float = opt(0.5, help="universal iff max - baseline correlation > this")
-    min_models: int | None = opt(None, help="...for at least this many models (default: all "
-                                 "others)")
-    seed: int = opt(0, help="seed of the baseline")
+    baseline: str = opt("rotation", help="rotation (Gaussian mixing, unit-norm rows), orthogonal "
+                        "(Haar rotation), gaussian (gelu of normals) or permutation (of token "
+                        "rows within each batch)")
+    rule: str = opt("paper", help="paper: universal iff mean over models of max correlation minus "
+                    "mean of baseline max > --threshold; per-model: max - baseline > --threshold "
+                    "in at least --min-models models")
+    threshold: float = opt(0.5, help="threshold of the rule (the paper's is 0.5)")
+    min_models: int | None = opt(None, help="--rule per-model: models where max - baseline must "
+                                 "pass --threshold (default: all others)")
+    seed: int = opt(0, help="seed of the baselines (each model and layer derives its own)")
+    exclude: str | None = opt("pad,newline", help="token classes left out of the correlations: "
+                              "bos,eos,pad,newline or none (the reference drops pad and newline)")
+    cache: str = opt("float16", help="activation cache: float16, float32 (2 or 4 bytes per neuron "
+                     "and token and model on disk) or none (recompute the forwards in every pass; "
+                     "disk bounded by the correlation blocks)")
+    block_memory: float = opt(4.0, help="GB of correlation sums and batch activations per pass; "
+                              "more passes recompute (cache none) or re-read (cache) the "
+                              "activations", hash=False)
+    baseline_batch: int = opt(32, help="windows per batch: the permutation baseline shuffles "
+                              "token rows within each batch (the reference's batches hold 32)")
+    save_blocks: bool = opt(True, help="write every layer pair's correlation block to "
+                            "corr/m<i>/L<a>_L<b> (float32)")
     name: str | None = opt(None, help="result name (default: slug of the models)")
     overwrite: bool = opt(False, help="recompute a finished result", hash=False)
     # ModelOptions with other meanings here: every model of --models loads at --revision
@@ -75,16 +116,28 @@ class UniversalConfig(ModelOptions, WindowOptions, Progress):
         if len(self.models) < 2:
             raise UserError(f"--models needs at least two models, got {self.models}: add the "
                             "models to compare with the first")
-        if self.baseline not in BASELINES:
-            raise UserError(f"--baseline {self.baseline!r} is unknown: use {', '.join(BASELINES)}")
+        for flag, value, known in (("--baseline", self.baseline, BASELINES),
+                                   ("--rule", self.rule, RULES), ("--cache", self.cache, CACHES)):
+            if value not in known:
+                raise UserError(f"{flag} {value!r} is unknown: use {', '.join(known)}")
         others = len(self.models) - 1
-        if self.min_models is None:
-            self.min_models = others
-        if not 1 <= self.min_models <= others:
-            raise UserError(f"--min-models {self.min_models} is out of range: use 1..{others} "
-                            f"(the number of models besides the reference)")
+        if self.rule == "paper":
+            if self.min_models is not None:
+                raise UserError(f"--min-models {self.min_models} counts models under --rule "
+                                "per-model only: drop it, or pass --rule per-model")
+        else:
+            if self.min_models is None:
+                self.min_models = others
+            if not 1 <= self.min_models <= others:
+                raise UserError(f"--min-models {self.min_models} is out of range: use 1..{others} "
+                                f"(the number of models besides the reference)")
+        if not self.block_memory > 0:
+            raise UserError(f"--block-memory must be more than 0 GB, got {self.block_memory}")
+        if self.baseline_batch < 1:
+            raise UserError(f"--baseline-batch must be at least 1, got {self.baseline_batch}")
         self.model = self.models[0]
         self.check_windows()
+        self.check_rows()
 
     @property
     def result_name(self) -> str:
@@ -99,45 +152,61 @@ class UniversalResult:
     properties: pl.DataFrame   # the reference's neuron_properties with the universal flag
     comparison: pl.DataFrame   # universal_properties: group means
     reused: bool               # finished earlier with the same config
+    info: dict = field(default_factory=dict)  # tokens, passes, cache bytes (from the marker)
 
 
-# -- baselines
+# -- baselines: one transform per model and layer, a seed of their own
 
 
-def baseline_matrix(kind: str, d: int, seed: int, layer: int) -> np.ndarray | None:
-    """[d, d] mixing of a layer of model B: a random orthogonal matrix (rotation) or a Gaussian
-    with unit-norm rows (gaussian); None for the permutation baseline."""
-    rng = np.random.default_rng([seed, layer])
+def baseline_rng(seed: int, kind: str, *keys: int) -> np.random.Generator:
+    """The generator of one part of a baseline: (model, layer) for a matrix, (model, layer,
+    batch) for Gaussian activations, (model, batch) for a permutation. Distinct keys give
+    independent streams (NumPy SeedSequence)."""
+    return np.random.default_rng([seed, BASELINES.index(kind), *keys])
+
+
+def baseline_matrix(kind: str, d: int, *, seed: int, model: int, layer: int) -> np.ndarray | None:
+    """[d, d] float64 mixing M of one layer of model B: baseline neuron m = sum_n M[m, n] b_n
+    (acts @ M.T). rotation: Gaussian with unit-norm rows (the reference's, not orthogonal);
+    orthogonal: Haar-random; None for the gaussian and permutation baselines."""
+    if kind not in ("rotation", "orthogonal"):
+        return None
+    g = baseline_rng(seed, kind, model, layer).standard_normal((d, d))
     if kind == "rotation":
-        q, r = np.linalg.qr(rng.normal(size=(d, d)))
-        return q * np.sign(np.diag(r))  # signs fixed so Q is Haar-distributed
-    if kind == "gaussian":
-        g = rng.normal(size=(d, d))
         return g / np.linalg.norm(g, axis=1, keepdims=True)
-    return None
+    q, r = np.linalg.qr(g)
+    return q * np.sign(np.diag(r))  # signs fixed so Q is Haar-distributed
 
 
-def token_permutation(rows: int, seed: int) -> np.ndarray:
-    """The row order of the permutation baseline (one for every layer and model)."""
-    return np.random.default_rng(seed).permutation(rows)
+def token_permutation(rows: int, *, seed: int, model: int, batch: int) -> np.ndarray:
+    """The row order of one batch of the permutation baseline (every layer of the model)."""
+    return baseline_rng(seed, "permutation", model, batch).permutation(rows)
 
 
-def baseline_blocks(kind: str, b_arr, *, seed: int, layer: int,
-                    chunk: int = CHUNK_ROWS) -> Iterator[np.ndarray]:
-    """The baseline stream of one layer of B, in the row chunks of the reference."""
-    rows = b_arr.shape[0]
-    matrix = baseline_matrix(kind, b_arr.shape[1], seed, layer)
-    perm = token_permutation(rows, seed) if matrix is None else None
-    for s in range(0, rows, chunk):
-        if matrix is not None:
-            yield b_arr[s:s + chunk].astype(np.float64) @ matrix
-            continue
-        wanted = perm[s:s + chunk]
-        order = np.argsort(wanted)  # Zarr reads sorted rows; put them back in the wanted order
-        block = b_arr.get_orthogonal_selection((wanted[order], slice(None)))
-        out = np.empty_like(block)
-        out[order] = block
-        yield out
+def gaussian_block(rows: int, d: int, *, seed: int, model: int, layer: int, batch: int):
+    """gelu (tanh form, TransformerLens' gelu_fast) of standard normals [rows, d], float32."""
+    import torch
+
+    x = baseline_rng(seed, "gaussian", model, layer, batch).standard_normal(
+        (rows, d), dtype=np.float32)
+    return torch.nn.functional.gelu(torch.from_numpy(x), approximate="tanh")
+
+
+def baseline_acts(kind: str, b: dict, *, seed: int, model: int, batch: int,
+                  mixers: dict) -> dict:
+    """The baseline of one batch of model B's layers (dict layer -> [rows, d] tensor)."""
+    if kind in ("rotation", "orthogonal"):
+        return {l: x @ mixers[l].T for l, x in b.items()}
+    if kind == "gaussian":
+        return {l: gaussian_block(x.shape[0], x.shape[1], seed=seed, model=model, layer=l,
+                                  batch=batch).to(x.device) for l, x in b.items()}
+    if not b:
+        return {}
+    import torch
+
+    rows = next(iter(b.values())).shape[0]
+    perm = torch.from_numpy(token_permutation(rows, seed=seed, model=model, batch=batch))
+    return {l: x[perm.to(x.device)] for l, x in b.items()}
 
 
 # -- the stage
@@ -153,159 +222,408 @@ def run(config: UniversalConfig, storage: Storage) -> UniversalResult:
     if not config.overwrite and marker.done(key):
         return stored_result(storage, name)
     storage.ensure_writable()
+    models = Models(config, storage)
+    windows, batches = token_batches(config, models.get(0))
     with atomic_path(storage.arrays(name)) as tmp:
         group = arrays.open_group(tmp, mode="w")
-        models, weights, moments = cache_activations(config, storage, group)
-        summary = correlate(config, group, models)
-    neurons = universal_neurons(summary, config.threshold, config.min_models)
-    properties = weights.join(activation_properties(moments, models[0]["offsets"]),
-                              on="neuron_id").sort("neuron_id")
+        if config.cache == "none":
+            source = Forwards(config, models, windows, batches)
+        else:
+            source = Cache(config, models, windows, batches, group)
+        summary, passes = correlate(config, group, source, models.info)
+        cache_bytes = source.nbytes
+        shutil.rmtree(tmp / "cache", ignore_errors=True)  # the cache is spent
+    neurons = universal_neurons(summary, config.threshold, config.rule, config.min_models)
+    properties = models.weights.join(
+        activation_properties(source.moments, models.info[0]["offsets"]),
+        on="neuron_id").sort("neuron_id")
     tables.write_part(storage, "correlation_summary", name,
                       summary.select(tables.schema("correlation_summary").names).to_arrow())
     tables.write_part(storage, "universal_neurons", name,
                       neurons.select(tables.schema("universal_neurons").names).to_arrow())
     tables.write_part(storage, "neuron_properties", name,
                       properties.select(tables.schema("neuron_properties").names).to_arrow())
-    result = _result(name, summary, neurons, properties, reused=False)
+    info = {"tokens": batches.rows, "passes": passes, "cache_bytes": cache_bytes,
+            "rule": config.rule, "threshold": config.threshold}
+    result = _result(name, summary, neurons, properties, reused=False, info=info)
     tables.write_part(storage, "universal_properties", name, result.comparison.select(
         tables.schema("universal_properties").names).to_arrow())
     marker.write(to_dict(config), key, neurons=neurons.height,
-                 universal=int(neurons["universal"].sum()))
+                 universal=int(neurons["universal"].sum()), **info)
     return result
 
 
 def _result(name: str, summary: pl.DataFrame, neurons: pl.DataFrame, properties: pl.DataFrame,
-            *, reused: bool) -> UniversalResult:
+            *, reused: bool, info: dict) -> UniversalResult:
     flagged = properties.join(neurons.select("neuron_id", "universal"), on="neuron_id")
     comparison = flagged.group_by("universal").agg(
         pl.len().cast(pl.Int64).alias("neurons"),
         *[pl.col(c).mean().alias(c) for c in PROPERTY_COLUMNS]).sort("universal")
-    return UniversalResult(name, summary, neurons, flagged, comparison, reused)
+    return UniversalResult(name, summary, neurons, flagged, comparison, reused, info)
 
 
 def stored_result(storage: Storage, name: str) -> UniversalResult:
     """A finished result, read back from its tables."""
+    from pipeline.core.storage import read_json
+
     def read(table: str) -> pl.DataFrame:
         return pl.from_arrow(tables.read_partition(storage, table, name))
 
+    marker = read_json(storage.marker(name, "universal").path)
+    info = {k: marker[k] for k in ("tokens", "passes", "cache_bytes", "rule", "threshold")
+            if k in marker}
     return _result(name, read("correlation_summary"), read("universal_neurons"),
-                   read("neuron_properties"), reused=True)
+                   read("neuron_properties"), reused=True, info=info)
 
 
-def cache_activations(config: UniversalConfig, storage: Storage, group):
-    """Every model's activations of the same windows into acts/m<i>/L<l>; returns the models
-    ({key, name, widths, offsets}), the reference's weight properties and its NeuronMoments."""
-    from pipeline.kernels.accumulators import NeuronMoments
-    from pipeline.models.loading import load_model
-    from pipeline.models.weights import weight_properties
-
-    models, windows, vocab, weights, moments = [], None, None, None, None
-    for index, name in enumerate(config.models):
-        loaded = load_model(name, config.revision, storage=storage, for_generation=False,
-                            **config.model_kwargs())
-        if vocab is None:
-            vocab = loaded.tokenizer.get_vocab()
-            windows = list(corpus_windows(config, loaded.tokenizer))
-            weights = weight_properties(loaded)
-            moments = {l: NeuronMoments(w) for l, w in enumerate(loaded.widths)}
-        elif loaded.tokenizer.get_vocab() != vocab:
-            raise UserError(f"model {name!r} has another tokenizer than {config.models[0]!r}: the "
-                            "same tokens must go through every model")
-        key = f"m{index}"
-        _forward_to_zarr(config, loaded, windows, group, key, moments if index == 0 else None)
-        models.append({"key": key, "name": name, "widths": loaded.widths,
-                       "offsets": loaded.layer_offsets})
-        del loaded
-    return models, weights, moments
+# -- models and tokens
 
 
-def _forward_to_zarr(config: UniversalConfig, loaded, windows: list[list[int]], group, key: str,
-                     moments) -> None:
+class Models:
+    """The models of --models, loaded on demand: the reference stays, at most one other is held.
+    Every tokenizer is checked against the reference's before any forward."""
+
+    def __init__(self, config: UniversalConfig, storage: Storage):
+        from pipeline.models.weights import weight_properties
+
+        self.config, self.storage = config, storage
+        self.loaded: dict = {}
+        self.info: list[dict] = []
+        for index, name in enumerate(config.models):
+            loaded = self.get(index)
+            if index:
+                _same_tokenizer(self.get(0), loaded)
+            self.info.append({"index": index, "key": f"m{index}", "name": name,
+                              "widths": loaded.widths, "offsets": loaded.layer_offsets})
+        self.weights = weight_properties(self.get(0))
+
+    def get(self, index: int):
+        from pipeline.models.loading import load_model
+
+        if index not in self.loaded:
+            dropped = [i for i in self.loaded if i != 0]
+            for held in dropped:
+                del self.loaded[held]
+            if dropped:
+                gc.collect()  # free its weights before the next loads
+            self.loaded[index] = load_model(self.config.models[index], self.config.revision,
+                                            storage=self.storage, for_generation=False,
+                                            **self.config.model_kwargs())
+        return self.loaded[index]
+
+
+def _same_tokenizer(ref, other) -> None:
+    a, b = ref.tokenizer, other.tokenizer
+    same = a.get_vocab() == b.get_vocab() and all(
+        getattr(a, k, None) == getattr(b, k, None)
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"))
+    if not same:
+        raise UserError(f"model {other.name!r} has another tokenizer than {ref.name!r}: the same "
+                        "tokens cannot go through both; compare models that share a tokenizer "
+                        "(one family trained with different seeds)")
+
+
+@dataclass
+class Batches:
+    """The included rows of each batch of --baseline-batch windows."""
+
+    windows: int                 # windows per batch
+    keep: np.ndarray             # bool [n_windows * length]: the row is included
+    starts: np.ndarray           # int64 [n_batches + 1]: first included row of each batch
+    length: int                  # tokens per window
+
+    @property
+    def count(self) -> int:
+        return len(self.starts) - 1
+
+    @property
+    def rows(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def max_rows(self) -> int:
+        return int(np.diff(self.starts).max(initial=0))
+
+    def window_range(self, k: int) -> tuple[int, int]:
+        return k * self.windows, (k + 1) * self.windows
+
+    def kept(self, k: int) -> np.ndarray:
+        s, e = self.window_range(k)
+        return self.keep[s * self.length:e * self.length]
+
+
+def token_batches(config: UniversalConfig, loaded) -> tuple[np.ndarray, Batches]:
+    """The windows (int32 [n, length]) and which of their rows enter the correlations."""
+    from pipeline.core.inputs import TokenClasses
+
+    # int32 blocks as they stream in: 4 bytes per token, not a Python list of every id
+    stream = corpus_windows(config, loaded.tokenizer, causal=loaded.is_causal)
+    blocks = []
+    while block := list(itertools.islice(stream, 4096)):
+        blocks.append(np.array(block, dtype=np.int32))
+    windows = np.concatenate(blocks)
+    # load_model pads with EOS when the tokenizer has no pad token, as TransformerLens (the
+    # reference's loader) does, so `pad` drops EOS there too
+    keep = TokenClasses(loaded.tokenizer).included(windows, config.excluded_classes,
+                                                   config.skip_positions)
+    if keep.sum() < 2:
+        raise UserError(f"{int(keep.sum())} of {keep.size} tokens remain after --exclude "
+                        f"{config.exclude} and --skip-positions {config.skip_positions}: a "
+                        "correlation needs at least 2; exclude less or give more windows")
+    per_window = keep.reshape(len(windows), -1).sum(1)
+    g = config.baseline_batch
+    per_batch = np.add.reduceat(per_window, np.arange(0, len(windows), g))
+    starts = np.concatenate([[0], np.cumsum(per_batch)]).astype(np.int64)
+    return windows, Batches(g, keep, starts, windows.shape[1])
+
+
+def forward_batch(loaded, ids: np.ndarray, keep: np.ndarray, layers, batch_size: int) -> dict:
+    """{layer: float32 [included rows, width]} of the windows `ids` on the model's device."""
     import torch
-    from tqdm.auto import tqdm
 
     from pipeline.models.hooks import capture_neurons
 
-    rows = len(windows) * config.max_length
-    arrs = {l: group.create_array(name=f"acts/{key}/L{l}", shape=(rows, w), dtype="float32",
-                                  chunks=(min(CHUNK_ROWS, rows), w))
-            for l, w in enumerate(loaded.widths)}
-    row = 0
     base = loaded.adapter.base_model(loaded.model)
-    with torch.inference_mode(), capture_neurons(loaded.sites) as captured:
-        for s in tqdm(range(0, len(windows), config.batch_size), disable=config.quiet,
-                      desc=f"activations {loaded.name}"):
-            ids = torch.tensor(windows[s:s + config.batch_size], device=loaded.device)
-            base(input_ids=ids)
-            n = ids.numel()
-            for l, arr in arrs.items():
-                block = captured[l].reshape(n, -1).float().cpu().numpy()
-                arr[row:row + n] = block
-                if moments is not None:
-                    moments[l].update(block)
-            row += n
+    parts: dict[int, list] = {l: [] for l in layers}
+    length = ids.shape[1]
+    with torch.inference_mode(), capture_neurons(loaded.sites, list(layers)) as captured:
+        for s in range(0, len(ids), batch_size):
+            x = torch.as_tensor(ids[s:s + batch_size], dtype=torch.long, device=loaded.device)
+            rows = torch.as_tensor(keep[s * length:(s + len(x)) * length], device=loaded.device)
+            base(input_ids=x)
+            for l in layers:
+                parts[l].append(captured[l].reshape(rows.shape[0], -1)[rows].float())
+    return {l: torch.cat(p) for l, p in parts.items()}
 
 
-def correlate(config: UniversalConfig, group, models: list[dict]) -> pl.DataFrame:
-    """correlation_summary: per reference neuron and other model, its best match and the
-    baseline's best; each pair's correlation block is written to corr/<key>/L<a>_L<b>."""
+# -- where a pass gets its activations: the cache, or the forwards again
+
+
+class _Source:
+    """acts(model, batch, layers) -> {layer: float32 tensor [rows, width]}; also keeps the
+    reference's NeuronMoments over the included rows."""
+
+    def __init__(self, config: UniversalConfig, models: Models, windows, batches: Batches):
+        from pipeline.kernels.accumulators import NeuronMoments
+
+        self.config, self.models, self.windows, self.batches = config, models, windows, batches
+        self.moments = {l: NeuronMoments(w) for l, w in enumerate(models.info[0]["widths"])}
+        self.nbytes = 0
+
+    def forward(self, index: int, k: int, layers) -> dict:
+        s, e = self.batches.window_range(k)
+        return forward_batch(self.models.get(index), self.windows[s:e], self.batches.kept(k),
+                             layers, self.config.batch_size)
+
+    def end_pass(self, index: int, la_layers) -> None:
+        pass
+
+
+class Forwards(_Source):
+    """--cache none: every pass runs the forwards of its two models again. The reference's
+    moments are taken the first time each layer goes by."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._fresh = set(self.moments)
+
+    def acts(self, index: int, k: int, layers) -> dict:
+        out = self.forward(index, k, layers)
+        if index == 0:
+            for l in self._fresh.intersection(layers):
+                self.moments[l].update(out[l])
+        return out
+
+    def end_pass(self, index: int, la_layers) -> None:
+        self._fresh -= set(la_layers)
+
+
+class Cache(_Source):
+    """--cache float16/float32: every model's activations of the included rows, written once to
+    cache/m<i>/L<l> [rows, width] (uncompressed: activations compress ~1.1x) and read per pass."""
+
+    def __init__(self, config, models, windows, batches, group):
+        from tqdm.auto import tqdm
+
+        super().__init__(config, models, windows, batches)
+        self.group = group
+        rows = max(batches.rows, 1)
+        order = [0, *range(len(models.info) - 1, 0, -1)]  # the model held last goes first
+        for index in order:
+            info = models.info[index]
+            arrs = {l: group.create_array(name=f"cache/{info['key']}/L{l}", shape=(rows, w),
+                                          dtype=config.cache, chunks=(min(CHUNK_ROWS, rows), w),
+                                          compressors=None)
+                    for l, w in enumerate(info["widths"])}
+            for k in tqdm(range(batches.count), disable=config.quiet,
+                          desc=f"activations {info['name']}"):
+                start, stop = batches.starts[k], batches.starts[k + 1]
+                if stop == start:
+                    continue
+                out = self.forward(index, k, list(arrs))
+                for l, arr in arrs.items():
+                    if index == 0:
+                        self.moments[l].update(out[l])
+                    block = out[l]
+                    if config.cache == "float16":
+                        top = float(block.abs().max())
+                        if top > FLOAT16_MAX:
+                            raise UserError(f"model {info['name']!r} layer {l} has activations "
+                                            f"beyond the float16 range (|a| up to {top:.4g}): "
+                                            "use --cache float32 or --cache none")
+                    arr[start:stop] = block.cpu().numpy().astype(config.cache)
+            self.nbytes += sum(a.nbytes for a in arrs.values())
+
+    def acts(self, index: int, k: int, layers) -> dict:
+        import torch
+
+        from pipeline.models.loading import resolve_device
+
+        device = resolve_device(self.config.device)
+        start, stop = self.batches.starts[k], self.batches.starts[k + 1]
+        key = self.models.info[index]["key"]
+        return {l: torch.from_numpy(self.group[f"cache/{key}/L{l}"][start:stop]).to(
+            device=device, dtype=torch.float32) for l in layers}
+
+
+# -- passes over layer pairs
+
+
+def plan_passes(widths_a: list[int], widths_b: list[int], *, budget: float, max_rows: int,
+                mixing: bool) -> list[list[tuple[int, int]]]:
+    """Layer pairs (a, b) of one model B in passes of at most `budget` bytes: two [d_a, d_b]
+    float64 sums per pair (real and baseline), a float32 baseline matrix per layer of B, and a
+    batch of float32 activations per layer (B's twice: itself and its baseline). A pass holds
+    at least one pair. Pairs go by B's layer first, so each layer's baseline is built and
+    applied in one pass (or few), not in every pass."""
+    passes, current, la_set, lb_set, cost = [], [], set(), set(), 0.0
+    for lb, db in enumerate(widths_b):
+        for la, da in enumerate(widths_a):
+            add = 2 * 8 * da * db
+            add += 0 if la in la_set else 4 * max_rows * da
+            add += 0 if lb in lb_set else 4 * (2 * max_rows * db + (db * db if mixing else 0))
+            if current and cost + add > budget:
+                passes.append(current)
+                current, la_set, lb_set, cost = [], set(), set(), 0.0
+                add = (2 * 8 * da * db + 4 * max_rows * da
+                       + 4 * (2 * max_rows * db + (db * db if mixing else 0)))
+            current.append((la, lb))
+            la_set.add(la)
+            lb_set.add(lb)
+            cost += add
+    if current:
+        passes.append(current)
+    return passes
+
+
+def correlate(config: UniversalConfig, group, source: _Source,
+              models: list[dict]) -> tuple[pl.DataFrame, int]:
+    """correlation_summary (per reference neuron and other model: its best match and the
+    baseline's best) and the number of passes; each pair's block goes to corr/<key>/L<a>_L<b>."""
+    import torch
     from tqdm.auto import tqdm
 
     ref, others = models[0], models[1:]
     total = sum(ref["widths"])
-    pairs = [(m, la, lb) for m in others for la in range(len(ref["widths"]))
-             for lb in range(len(m["widths"]))]
-    best = {m["key"]: {"max": np.full(total, -np.inf), "layer": np.zeros(total, np.int32),
-                       "neuron": np.zeros(total, np.int32), "base": np.full(total, -np.inf)}
-            for m in others}
-    for m, la, lb in tqdm(pairs, disable=config.quiet, desc="correlations"):
-        corr, base_max = pair_correlation(group, ref["key"], m["key"], la, lb, config)
-        group.create_array(name=f"corr/{m['key']}/L{la}_L{lb}", shape=corr.shape,
-                           dtype="float32", chunks=corr.shape)[:] = corr.astype(np.float32)
-        b = best[m["key"]]
-        sl = slice(ref["offsets"][la], ref["offsets"][la] + ref["widths"][la])
-        better = corr.max(1) > b["max"][sl]
-        b["max"][sl] = np.where(better, corr.max(1), b["max"][sl])
-        b["layer"][sl] = np.where(better, lb, b["layer"][sl])
-        b["neuron"][sl] = np.where(better, corr.argmax(1), b["neuron"][sl])
-        b["base"][sl] = np.maximum(b["base"][sl], base_max)
+    mixing = config.baseline in ("rotation", "orthogonal")
+    plans = {m["index"]: plan_passes(ref["widths"], m["widths"], budget=config.block_memory * GB,
+                                     max_rows=source.batches.max_rows, mixing=mixing)
+             for m in others}
+    n_passes = sum(len(p) for p in plans.values())
+    bar = tqdm(total=n_passes * source.batches.rows, disable=config.quiet, desc="correlations",
+               unit="tok", unit_scale=True)
+    frames = {}
+    for m in reversed(others):  # the model held last goes first
+        best = {"max": np.full(total, -np.inf), "layer": np.zeros(total, np.int32),
+                "neuron": np.zeros(total, np.int32), "base": np.full(total, -np.inf)}
+        for pairs in plans[m["index"]]:
+            real, base = run_pass(config, source, m, pairs, bar)
+            for (la, lb) in pairs:
+                corr = real.pop((la, lb)).correlation(spend=True)
+                base_max = base.pop((la, lb)).correlation(spend=True).max(1)
+                if config.save_blocks:
+                    # uncompressed: correlations compress ~1.1x and zstd costs more than the
+                    # pair's finalisation
+                    group.create_array(name=f"corr/{m['key']}/L{la}_L{lb}", shape=corr.shape,
+                                       dtype="float32", chunks=corr.shape, compressors=None,
+                                       )[:] = corr.astype(np.float32)
+                sl = slice(ref["offsets"][la], ref["offsets"][la] + ref["widths"][la])
+                top = corr.max(1)
+                better = top > best["max"][sl]
+                best["max"][sl] = np.where(better, top, best["max"][sl])
+                best["layer"][sl] = np.where(better, lb, best["layer"][sl])
+                best["neuron"][sl] = np.where(better, corr.argmax(1), best["neuron"][sl])
+                best["base"][sl] = np.maximum(best["base"][sl], base_max)
+            del real, base
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        frames[m["index"]] = best
+    bar.close()
     layer = np.repeat(np.arange(len(ref["widths"]), dtype=np.int32), ref["widths"])
     neuron = np.concatenate([np.arange(w, dtype=np.int32) for w in ref["widths"]])
-    return pl.concat([pl.DataFrame({
+    summary = pl.concat([pl.DataFrame({
         "neuron_id": np.arange(total, dtype=np.int64), "layer": layer, "neuron": neuron,
-        "model_b": m["name"], "max_corr": best[m["key"]]["max"],
-        "argmax_layer": best[m["key"]]["layer"], "argmax_neuron": best[m["key"]]["neuron"],
-        "baseline_max": best[m["key"]]["base"],
-        "excess": best[m["key"]]["max"] - best[m["key"]]["base"]}) for m in others])
+        "model_b": m["name"], "max_corr": frames[m["index"]]["max"],
+        "argmax_layer": frames[m["index"]]["layer"], "argmax_neuron": frames[m["index"]]["neuron"],
+        "baseline_max": frames[m["index"]]["base"],
+        "excess": frames[m["index"]]["max"] - frames[m["index"]]["base"]}) for m in others])
+    return summary, n_passes
 
 
-def pair_correlation(group, ref_key: str, key: str, la: int, lb: int,
-                     config: UniversalConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Correlations [d_a, d_b] of layer la of the reference with layer lb of model `key`, and
-    each reference neuron's max correlation with the baseline of that layer."""
-    a_arr, b_arr = group[f"acts/{ref_key}/L{la}"], group[f"acts/{key}/L{lb}"]
-    real = PairCorrelation(a_arr.shape[1], b_arr.shape[1])
-    base = PairCorrelation(a_arr.shape[1], b_arr.shape[1])
-    baseline = baseline_blocks(config.baseline, b_arr, seed=config.seed, layer=lb)
-    for s in range(0, a_arr.shape[0], CHUNK_ROWS):
-        a = a_arr[s:s + CHUNK_ROWS]
-        real.update(a, b_arr[s:s + CHUNK_ROWS])
-        base.update(a, next(baseline))
-    return real.correlation(), base.correlation().max(1)
+def run_pass(config: UniversalConfig, source: _Source, m: dict, pairs, bar) -> tuple[dict, dict]:
+    """The real and baseline sums of `pairs` (layer of the reference, layer of model m) over
+    every batch: each layer is read or computed once per batch, each matrix built once."""
+    import torch
+
+    ref_widths = source.models.info[0]["widths"]
+    la_layers = sorted({la for la, _ in pairs})
+    lb_layers = sorted({lb for _, lb in pairs})
+    real = {(la, lb): PairCorrelation(ref_widths[la], m["widths"][lb]) for la, lb in pairs}
+    base = {(la, lb): PairCorrelation(ref_widths[la], m["widths"][lb]) for la, lb in pairs}
+    mixers = {}
+    for lb in lb_layers:
+        mat = baseline_matrix(config.baseline, m["widths"][lb], seed=config.seed,
+                              model=m["index"], layer=lb)
+        if mat is not None:
+            mixers[lb] = torch.from_numpy(mat.astype(np.float32))
+    for k in range(source.batches.count):
+        rows = int(source.batches.starts[k + 1] - source.batches.starts[k])
+        bar.update(rows)
+        if rows == 0:
+            continue
+        a = source.acts(0, k, la_layers)
+        b = source.acts(m["index"], k, lb_layers)
+        mixers = {l: x.to(next(iter(b.values())).device) for l, x in mixers.items()}
+        bb = baseline_acts(config.baseline, b, seed=config.seed, model=m["index"], batch=k,
+                           mixers=mixers)
+        for la, lb in pairs:
+            real[(la, lb)].update(a[la], b[lb])
+            base[(la, lb)].update(a[la], bb[lb])
+        del a, b, bb
+    source.end_pass(m["index"], la_layers)
+    return real, base
 
 
-def universal_neurons(summary: pl.DataFrame, threshold: float, min_models: int) -> pl.DataFrame:
-    """Per reference neuron: models where excess > threshold, mean max and excess, the flag."""
-    return summary.group_by("neuron_id", "layer", "neuron").agg(
+# -- the flag
+
+
+def universal_neurons(summary: pl.DataFrame, threshold: float, rule: str,
+                      min_models: int | None) -> pl.DataFrame:
+    """Per reference neuron: models where max - baseline > threshold, the means over models of
+    max and baseline max, their difference (excess), and the flag of the rule."""
+    out = summary.group_by("neuron_id", "layer", "neuron").agg(
         (pl.col("excess") > threshold).sum().cast(pl.Int64).alias("matches"),
         pl.col("max_corr").mean().alias("mean_corr"),
-        (pl.col("max_corr").mean() - pl.col("baseline_max").mean()).alias("excess"),
-    ).sort("neuron_id").with_columns((pl.col("matches") >= min_models).alias("universal"))
+        pl.col("baseline_max").mean().alias("mean_baseline"),
+    ).sort("neuron_id").with_columns((pl.col("mean_corr") - pl.col("mean_baseline"))
+                                     .alias("excess"))
+    flag = pl.col("excess") > threshold if rule == "paper" else pl.col("matches") >= min_models
+    return out.with_columns(flag.alias("universal"))
 
 
 def activation_properties(moments: dict, offsets: list[int]) -> pl.DataFrame:
     """act_mean, act_var, act_skew, act_kurt and sparsity of the reference's neurons over the
-    windows (NeuronMoments.summary, the one definition of moments from sums)."""
+    included rows (NeuronMoments.summary, the one definition of moments from sums)."""
     frames = []
     for l, m in moments.items():
         s, c = m.summary(), m.columns()
@@ -318,9 +636,12 @@ def activation_properties(moments: dict, offsets: list[int]) -> pl.DataFrame:
 
 def show(result: UniversalResult) -> str:
     n = result.neurons
-    ref = result.summary["model_b"].unique().to_list()
+    ref = result.summary["model_b"].unique(maintain_order=True).to_list()
+    rule = result.info.get("rule", "paper")
     lines = [f"{result.name}: {int(n['universal'].sum())} of {n.height} reference neurons are "
-             f"universal (against {', '.join(ref)})"]
+             f"universal (rule {rule}, threshold {result.info.get('threshold')}; against "
+             f"{', '.join(ref)}; {result.info.get('tokens')} tokens, "
+             f"{result.info.get('passes')} passes)"]
     if result.reused:
         lines.append("finished earlier with this config (--overwrite recomputes it)")
     with pl.Config(tbl_rows=15, tbl_cols=-1, tbl_width_chars=160):
@@ -331,6 +652,8 @@ def show(result: UniversalResult) -> str:
 STAGES = [Stage(
     "universal", "Neurons that correlate across models trained with different seeds.",
     "  nwh universal --models zoo-s0 zoo-s1 zoo-s2\n"
-    "  nwh universal --models zoo-s0 zoo-s1 --baseline permutation --threshold 0.3\n"
+    "  nwh universal --models zoo-s0 zoo-s1 --baseline permutation --rule per-model "
+    "--threshold 0.3\n"
+    "  nwh universal --models zoo-s0 zoo-s1 --cache none --block-memory 1\n"
     "  nwh sql \"select * from universal_neurons where universal order by excess desc\"\n",
     UniversalConfig, run, show, figures="pipeline.report.universal:draw")]
