@@ -186,7 +186,8 @@ class RowFilter:
     in the masks."""
 
     exclude: str | None = opt(None, help="token classes left out of every accumulator: "
-                              "bos,eos,pad,newline (default none)")
+                              "bos,eos,pad,newline (any token holding a newline), "
+                              "newline-token (the token of '\\n' alone); default none")
     skip_positions: int = opt(0, help="also leave out the first N positions of every sequence "
                               "(attention sinks)")
 

@@ -266,7 +266,7 @@ def corpus_windows(options, tokenizer, *, causal: bool = True) -> Iterator[list[
 # -- token classes: the rows left out of every accumulator
 
 
-TOKEN_CLASSES = ("bos", "eos", "pad", "newline")
+TOKEN_CLASSES = ("bos", "eos", "pad", "newline", "newline-token")
 
 
 def parse_exclude(text: str | None) -> tuple[str, ...]:
@@ -289,7 +289,9 @@ class TokenClasses:
     """Which token ids belong to each class of TOKEN_CLASSES, for one tokenizer.
 
     bos: the BOS or [CLS] id; eos: the EOS or [SEP] id; pad: the pad id (when there is one);
-    newline: every id whose decoded text contains a newline (each id decoded at most once)."""
+    newline: every id whose decoded text contains a newline (each id decoded at most once);
+    newline-token: only the id that "\\n" alone encodes to (the universal-neurons reference drops
+    that one, not "\\n\\n" or " \\n"); nothing where "\\n" is several tokens."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -328,6 +330,9 @@ class TokenClasses:
         """Whether each id is of class `name` (same shape as `ids`)."""
         if name == "newline":
             return self.newline(ids)
+        if name == "newline-token" and name not in self.special:
+            alone = self.tokenizer.encode("\n", add_special_tokens=False)
+            self.special[name] = np.array(alone if len(alone) == 1 else [], np.int64)
         return np.isin(np.asarray(ids), self.special[name])
 
     def included(self, ids: np.ndarray, exclude: tuple[str, ...] = (),

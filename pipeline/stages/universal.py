@@ -6,10 +6,11 @@
 
 Universal neurons as Gurnee et al. (2024, github.com/wesg52/universal-neurons) define them. The
 same token windows go through every model (their tokenizers must agree); the rows of --exclude
-(default pad,newline: the reference drops pad and newline tokens; a tokenizer without a pad
-token pads with EOS) and of --skip-positions are left out. For every other model B, every
-neuron of the reference (the first model) gets its max Pearson correlation over B's neurons of
-all layers, the argmax neuron, and the max over the neurons of a baseline of B:
+(default pad,newline-token: the reference drops the pad token and the token of "\\n" alone; a
+tokenizer without a pad token pads with EOS) and of --skip-positions are left out. For every
+other model B, every neuron of the reference (the first model) gets its max Pearson
+correlation over B's neurons of all layers, the argmax neuron, and the max over the neurons of a
+baseline of B:
   rotation     B's activations mixed by a Gaussian matrix with unit-norm rows (the reference's
                `rotation`, one matrix per model and layer)
   orthogonal   mixed by a Haar-random orthogonal matrix (one per model and layer)
@@ -91,8 +92,10 @@ class UniversalConfig(ModelOptions, WindowOptions, RowFilter, Progress):
     min_models: int | None = opt(None, help="--rule per-model: models where max - baseline must "
                                  "pass --threshold (default: all others)")
     seed: int = opt(0, help="seed of the baselines (each model and layer derives its own)")
-    exclude: str | None = opt("pad,newline", help="token classes left out of the correlations: "
-                              "bos,eos,pad,newline or none (the reference drops pad and newline)")
+    exclude: str | None = opt("pad,newline-token", help="token classes left out of the "
+                              "correlations: bos,eos,pad,newline (any token holding a newline), "
+                              "newline-token (the token of '\\n' alone) or none; the reference "
+                              "drops pad and newline-token")
     cache: str = opt("float16", help="activation cache: float16, float32 (2 or 4 bytes per neuron "
                      "and token and model on disk) or none (recompute the forwards in every pass; "
                      "disk bounded by the correlation blocks)")
@@ -291,6 +294,10 @@ class Models:
         self.info: list[dict] = []
         for index, name in enumerate(config.models):
             loaded = self.get(index)
+            if any(getattr(s, "expert", None) is not None for s in loaded.sites):
+                raise UserError(f"model {name!r} has mixture-of-experts layers: a neuron is routed "
+                                "to some tokens only, so its correlation over every token is "
+                                "not defined; compare dense models")
             if index:
                 _same_tokenizer(self.get(0), loaded)
             self.info.append({"index": index, "key": f"m{index}", "name": name,

@@ -299,11 +299,14 @@ def _reference_included(tok, ids, exclude, skip):
             classes = {name for name, group in members.items() if token in group}
             if "\n" in tok.decode([token]):
                 classes.add("newline")
+            if tok("\n", add_special_tokens=False)["input_ids"] == [token]:
+                classes.add("newline-token")  # the reference's model.to_single_token('\n')
             out.append(position >= skip and not classes & set(exclude))
     return np.array(out, dtype=bool)
 
 
-EXCLUDES = [(), ("bos",), ("eos",), ("pad",), ("newline",), ("bos", "eos", "pad", "newline")]
+EXCLUDES = [(), ("bos",), ("eos",), ("pad",), ("newline",), ("newline-token",),
+            ("pad", "newline-token"), ("bos", "eos", "pad", "newline")]
 
 
 @pytest.mark.parametrize("name", ["gpt2", "no_bos", "llama", "bert", "bert_bos"])
@@ -334,6 +337,11 @@ def test_included_rows_against_a_loop(request, name):
     if name == "llama":
         inside = tok.convert_tokens_to_ids("s\n")  # a newline inside other text
         assert not classes.included(np.array([[inside]]), ("newline",), 0)[0]
+        # newline-token is the token of "\n" alone, not every token holding one
+        assert classes.included(np.array([[inside]]), ("newline-token",), 0)[0]
+    alone = ~classes.included(ids, ("newline-token",), 0)
+    assert alone.sum() <= newline.size - newline.sum()
+    assert not (alone & newline).any()  # a subset of the newline class
     excluded_pad = ~classes.included(ids, ("pad",), 0)
     assert excluded_pad.any() == (tok.pad_token_id is not None)
 
