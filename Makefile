@@ -42,7 +42,7 @@ MODELS ?= zoo-s0 zoo-s1 zoo-s2
 
 .PHONY: help setup real-model-packages real-models zoo extract extract-prompts trace sql coactivation dormancy dormancy-sweep \
 	frequencies analyze plots export graph subset subset-grid ablate demo test lint bench \
-	bench-coactivation bench-graph bench-correlation bench-threads neuron-stats universal gradients report clean
+	bench-coactivation bench-graph bench-correlation bench-threads bench-peers bench-universal neuron-stats universal gradients report clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -244,6 +244,12 @@ bench-correlation: $(STAMP) ## correlation accumulation of two gpt2-small-shaped
 
 bench-threads: $(STAMP) ## thread split of a CPU extraction, idle and under load (~6 min on 2 cores)
 	$(VENV)/bin/python benchmarks/threads.py
+
+bench-peers: $(STAMP) ## nwh against nnsight, TransformerLens and plain hooks (each in a fresh process)
+	$(VENV)/bin/python benchmarks/peers.py
+
+bench-universal: zoo ## universal neurons against a port of the reference (needs the zoo)
+	$(VENV)/bin/python benchmarks/universal.py agreement --storage $(STORAGE)
 
 bench-graph: $(STAMP) ## the graph chain at gpt2-xl scale (48 x 6400 neurons, 16k tokens; ~5 min)
 	$(VENV)/bin/python benchmarks/gpt2xl_graph.py
