@@ -42,7 +42,7 @@ MODELS ?= zoo-s0 zoo-s1 zoo-s2
 
 .PHONY: help setup real-model-packages real-models zoo extract extract-prompts trace sql coactivation dormancy dormancy-sweep \
 	frequencies analyze plots export graph subset subset-grid ablate demo test lint bench \
-	bench-coactivation bench-graph bench-correlation bench-threads bench-peers bench-universal neuron-stats universal gradients report clean
+	bench-coactivation bench-graph bench-correlation bench-threads bench-peers bench-universal bench-neuron-read site similar probe neuron-stats universal gradients report clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -131,7 +131,7 @@ report: $(STAMP) ## static HTML page of the demo's figures: storage/reports/demo
 	$(NWH) report --storage $(STORAGE) --name demo --folders demo demo-corpus demo-prompts \
 		universal_zoo-s0_zoo-s1_zoo-s2 gradients_neurons_zoo-s0_all \
 		--tables "runs=select * from runs" \
-		"dormancy=select * from dormancy order by run_id, layer_index" \
+		"dormancy=select * from dormancy order by run_id, layer" \
 		"threshold_analysis=select * from threshold_analysis" \
 		"subsets=select * from subsets order by subset, rank" \
 		"ablation_effects=select * from ablation_effects order by subset, kind, control_index" \
@@ -162,6 +162,7 @@ NSTATS_DONE := $(S)/runs/demo-corpus/stages/neuron-stats.json
 UNIVERSAL_DONE := $(S)/runs/universal_zoo-s0_zoo-s1_zoo-s2/stages/universal.json
 GRADIENTS_DONE := $(S)/runs/gradients_neurons_zoo-s0_all/stages/gradients.json
 REPORT_DONE := $(S)/reports/demo/index.html
+SITE_DONE := $(S)/reports/site/index.html
 DEMO_SUBSETS := degree_t0.5_r0.0025 degree_t0.5_r0.005 degree_t0.5_r0.01 pagerank_t0.5_r0.005 \
 	pagerank_t0.5_r0.01 coreness_t0.5_r0.01
 
@@ -209,8 +210,10 @@ $(GRADIENTS_DONE): $(ZOO_DONE)
 $(REPORT_DONE): $(TRACE_DONE) $(DORMANCY_FIGS) $(ANALYZE_PROMPTS) $(ANALYZE_CORPUS) $(SAMPLE_FIGS) \
 		$(EXPORT_DONE) $(GRAPH_DONE) $(ABLATE_DONE) $(NSTATS_DONE) $(UNIVERSAL_DONE) $(GRADIENTS_DONE)
 	$(MAKE) --no-print-directory report STORAGE=$(S)
+$(SITE_DONE): $(REPORT_DONE)
+	$(NWH) site --storage $(S) --quiet
 
-demo: $(REPORT_DONE) ## the whole chain on the zoo, ending in storage/reports/demo/index.html (resumes)
+demo: $(SITE_DONE) ## the whole chain on the zoo, ending in the site storage/reports/site/index.html (resumes)
 	@echo "== runs"
 	$(NWH) sql --storage $(S) "select run_id, model, revision, input_kind, num_rows, num_neurons, round(seconds, 1) as seconds from runs order by run_id"
 	@echo "== share of active neurons per layer (demo-corpus)"
@@ -225,6 +228,16 @@ demo: $(REPORT_DONE) ## the whole chain on the zoo, ending in storage/reports/de
 	@echo "== ablation of the subsets vs random controls (zero ablation)"
 	$(NWH) sql --storage $(S) "select subset, prompt, sample_index, replace(generated_text, chr(10), ' ') as text from ablation_generations where run_id = 'demo-corpus' and sample_index = 0 and prompt = 0 order by subset"
 	@echo "report: $(REPORT_DONE)"
+	@echo "site: $(SITE_DONE)"
+
+site: $(STAMP) ## the neuron explorer: a page per neuron, search, headline numbers (storage/reports/site/index.html)
+	$(NWH) site --storage $(STORAGE) $(ARGS)
+
+similar: $(STAMP) ## nearest neurons: RUN=demo-corpus NEURON=2/17 ARGS="--metric npmi"
+	$(NWH) similar --storage $(STORAGE) --run $(RUN) --neuron $(NEURON) $(ARGS)
+
+probe: $(STAMP) ## linear probes per layer: RUN=demo-corpus TARGET=next-token ARGS="--features masks"
+	$(NWH) probe --storage $(STORAGE) --run $(RUN) --target $(TARGET) $(ARGS)
 
 test: $(STAMP) ## run the test suite
 	$(VENV)/bin/python -m pytest -n 2 tests
@@ -250,6 +263,9 @@ bench-peers: $(STAMP) ## nwh against nnsight, TransformerLens and plain hooks (e
 
 bench-universal: zoo ## universal neurons against a port of the reference (needs the zoo)
 	$(VENV)/bin/python benchmarks/universal.py agreement --storage $(STORAGE)
+
+bench-neuron-read: $(STAMP) ## one neuron against its whole layer on a 1M-row run (~20 GB of disk, removed)
+	$(VENV)/bin/python benchmarks/neuron_read.py
 
 bench-graph: $(STAMP) ## the graph chain at gpt2-xl scale (48 x 6400 neurons, 16k tokens; ~5 min)
 	$(VENV)/bin/python benchmarks/gpt2xl_graph.py

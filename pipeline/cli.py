@@ -4,14 +4,21 @@ Each stage module lists `STAGES`: entries naming a config dataclass (whose field
 help, become the options), a `run(config, storage)` function, how to show its result and which
 figures of pipeline.report to draw from the tables it wrote. Heavy imports (torch,
 transformers) happen inside the stage functions, so `nwh sql` starts fast.
+
+What users see is decided here, not in library code: `--quiet` keeps only warnings and errors
+(no INFO lines, no progress bars), library FutureWarning/UserWarning/DeprecationWarning are
+hidden unless `--verbose`, and a UserError or a full disk anywhere in a stage is one line on
+stderr with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
+import warnings
 
 from pipeline.core.config import Stage, add_arguments, from_args
 from pipeline.core.errors import UserError
@@ -28,7 +35,10 @@ STAGE_MODULES = [
     "pipeline.stages.neuron_properties",
     "pipeline.stages.gradients",
     "pipeline.stages.universal",
+    "pipeline.stages.similar",
+    "pipeline.stages.probe",
     "pipeline.report.html",
+    "pipeline.report.site",
     "pipeline.stages.dormancy",
     "pipeline.flows",
     "pipeline.stages.frequencies",
@@ -39,16 +49,72 @@ STAGE_MODULES = [
 ]
 
 
+# stages that may start from an empty storage root (they read models, not runs); every other
+# stage reads a warehouse, and a --storage that is none is a one-line error, not an empty result
+CREATES_WAREHOUSE = frozenset({"zoo", "extract", "trace", "gradients", "universal",
+                               "dormancy-sweep"})
+
+EXAMPLES = """\
+Examples (the common flows):
+  build the embedded models, then extract a corpus and a prompts file
+    nwh zoo
+    nwh extract --model zoo-s0 --corpus stdlib --num-samples 256
+    nwh extract --model zoo-s0 --prompts examples/prompts.csv --temperature 0.8 --top-k 50
+  a hub model, planned first (sizes, disk needed, resume point)
+    nwh extract --model gpt2 --num-samples 4096 --store-acts --dry-run
+  ask the warehouse in SQL
+    nwh sql "select run_id, model, num_rows from runs"
+    nwh sql --out stats.parquet "select * from neuron_stats where run_id = 'zoo-s0_stdlib'"
+  dormant neurons of a run, and over every training checkpoint
+    nwh dormancy --run zoo-s0_stdlib --threshold 0.1
+    nwh dormancy-sweep --model zoo-s0
+  co-activation graph, influential subsets, ablation against random controls
+    nwh coactivation --run zoo-s0_stdlib
+    nwh graph --run zoo-s0_stdlib --threshold 0.5
+    nwh subset-grid --run zoo-s0_stdlib --thresholds 0.3 0.5 --ratios 0.01 --methods degree pagerank
+    nwh ablate --run zoo-s0_stdlib --subsets degree_t0.5_r0.01 --controls 5
+  universal neurons across seeds, loss-gradient importance
+    nwh universal --models zoo-s0 zoo-s1 zoo-s2
+    nwh gradients --model zoo-s0 --num-samples 64
+  figures, an HTML report, the reference scripts' files
+    nwh plots --run zoo-s0_stdlib --rows 0 50 200
+    nwh report --name demo --folders zoo-s0_stdlib
+    nwh export --run zoo-s0_stdlib --out-dir exports
+  browse the neurons, a neuron's nearest ones, linear probes per layer
+    nwh site --top 50 --score mean
+    nwh similar --run zoo-s0_stdlib --neuron 2/17 --metric npmi
+    nwh probe --run zoo-s0_stdlib --target next-token
+
+Every stage takes --storage DIR (default: storage/, or $NWH_STORAGE). A killed or failed run
+resumes from its last commit when the same command runs again.
+Run `nwh <stage> --help` for a stage's options and examples."""
+
+
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml), else the package's own."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("neuron-warehouse")
+    except PackageNotFoundError:
+        from pipeline import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nwh",
         description="Neuron Warehouse: stream MLP neuron activations into a columnar warehouse "
         "and analyse them with SQL.",
-        epilog="Examples:\n  nwh zoo\n  nwh extract --model zoo-s0 --corpus stdlib --num-samples 64\n"
-        '  nwh sql "select * from runs"\n\nRun `nwh <stage> --help` for a stage\'s options.',
+        epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("--version", action="version", version=f"nwh {package_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log debug messages and show library warnings")
+    parser.add_argument("-q", "--quiet", dest="global_quiet", action="store_true",
+                        help="only warnings and errors: no INFO lines, no progress bars")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     for name in STAGE_MODULES:
         for stage in importlib.import_module(name).STAGES:
@@ -72,12 +138,21 @@ def add_stage(sub, stage: Stage) -> argparse.ArgumentParser:
     return parser
 
 
+def reads_warehouse(stage: Stage, config) -> bool:
+    """Whether the stage needs an existing warehouse: every stage but those that start from
+    models, unless it was given no run to read (`nwh plots --dormancy-log log.csv` alone)."""
+    return stage.name not in CREATES_WAREHOUSE and getattr(config, "run", "") is not None
+
+
 def run_stage(stage: Stage, args: argparse.Namespace) -> int:
+    from pipeline.core import stdlib_corpus
     from pipeline.core.storage import Storage
 
     config = from_args(stage.config, args)
-    storage = Storage(args.storage)
-    result = stage.run(config, storage)
+    storage = Storage(args.storage, must_exist=reads_warehouse(stage, config))
+    # the parsed stdlib corpus is kept in the root (a dry run only reads it: it writes nothing)
+    with stdlib_corpus.cache_in(storage.cache_dir(), write=not getattr(config, "dry_run", False)):
+        result = stage.run(config, storage)
     if stage.figures:
         module, function = stage.figures.split(":")
         for path in getattr(importlib.import_module(module), function)(result, config, storage) or []:
@@ -89,21 +164,58 @@ def run_stage(stage: Stage, args: argparse.Namespace) -> int:
     return 0
 
 
+LIBRARY_WARNINGS = (FutureWarning, UserWarning, DeprecationWarning, PendingDeprecationWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # the filters and the log level hold for this call only (main also runs in-process)
+    with warnings.catch_warnings():
+        _hide_library_warnings()
+        args = build_parser().parse_args(argv)  # the stage modules import libraries
+    with warnings.catch_warnings(), _log_level() as set_level:
+        if not args.verbose:
+            _hide_library_warnings()
+        quiet = args.global_quiet or bool(getattr(args, "quiet", False))
+        if quiet and hasattr(args, "quiet"):
+            args.quiet = True  # `nwh --quiet extract ...` also hides the progress bars
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        set_level(logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO)
+        try:
+            return int(run_stage(args.stage_entry, args) or 0)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted: committed work is kept; run the same command to resume",
+                  file=sys.stderr)
+            return 130
+        except Exception as e:
+            from pipeline.core.storage import disk_full_message, is_disk_full
+
+            if is_disk_full(e):  # wherever it happened: a commit is atomic, so the rerun resumes
+                print(f"error: {disk_full_message(args.storage)}", file=sys.stderr)
+                return 2
+            raise
+
+
+def _hide_library_warnings() -> None:
+    """transformers, torch, zarr... warn about their own futures; our messages are log lines
+    and one-line errors, so these only confuse a user (-W options given to Python stay)."""
+    if sys.warnoptions:
+        return
+    for category in LIBRARY_WARNINGS:
+        warnings.simplefilter("ignore", category)
+
+
+@contextlib.contextmanager
+def _log_level():
+    """A setter of the root logger's level, restored on exit."""
+    root = logging.getLogger()
+    before = root.level
     try:
-        return int(run_stage(args.stage_entry, args) or 0)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: committed work is kept; run the same command to resume", file=sys.stderr)
-        return 130
+        yield root.setLevel
+    finally:
+        root.setLevel(before)
 
 
 def echo(*parts: object) -> None:

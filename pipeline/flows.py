@@ -93,6 +93,7 @@ def checkpoint_config(config: SweepConfig, revision: str) -> extract.ExtractConf
 def run_sweep(config: SweepConfig, storage: Storage) -> SweepResult:
     """Extract every checkpoint (resumable; skipped when finished) and log its dormancy."""
     revisions = sweep_revisions(storage, config.model, config.revisions)
+    dormancy.check_revisions(storage, config.model, revisions)  # all of them, before any work
     log_file = Path(config.log_file) if config.log_file else dormancy.default_log_file(
         storage, slug("dormancy-sweep", Path(config.model).name), config.model)
     frames, runs = [], []

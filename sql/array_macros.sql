@@ -35,3 +35,38 @@ final as (
     from cells
 )
 select * from final;
+
+-- Co-activation counts of a layer pair (nwh coactivation; Zarr coact/L<a>_L<b>) in long form:
+-- one row per neuron pair (neuron_a of layer first_layer, neuron_b of layer second_layer) active
+-- together on at least one counted token row; count = those token rows (BIGINT). neuron_id_a,
+-- neuron_id_b are the global ids (the `neurons` table). A pair counted as b:a is read transposed.
+-- The Python function coact_block reads a block of rows of the counts at a time.
+create or replace macro coactivation(run, first_layer, second_layer) as table
+with blocks as (
+    select unnest(range(0, coact_rows(run, first_layer, second_layer), 1024)) as start
+),
+cells as (
+    select coact_block(run, first_layer, second_layer, start, start + 1024) as c from blocks
+),
+pairs as (
+    select unnest(c.neuron_a) as neuron_a, unnest(c.neuron_b) as neuron_b, unnest(c.count) as count
+    from cells
+),
+offsets as (
+    select layer, any_value(layer_offset) as layer_offset
+    from neurons
+    where run_id = run and layer in (first_layer, second_layer)
+    group by layer
+),
+final as (
+    select
+        first_layer::integer as layer_a,
+        p.neuron_a,
+        second_layer::integer as layer_b,
+        p.neuron_b,
+        p.count,
+        (select layer_offset from offsets where layer = first_layer) + p.neuron_a as neuron_id_a,
+        (select layer_offset from offsets where layer = second_layer) + p.neuron_b as neuron_id_b
+    from pairs p
+)
+select * from final;

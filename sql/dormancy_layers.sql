@@ -6,8 +6,8 @@ with n as (
 ),
 final as (
     select
-        any_value(site) as layer_name,
-        layer as layer_index,
+        layer,
+        any_value(site) as site,
         count(*) as num_neurons,
         count_if(dormant) as num_dormant,
         100.0 * count_if(dormant) / count(*) as pct_dormant,
@@ -17,4 +17,4 @@ final as (
     group by layer
 )
 select * from final
-order by layer_index;
+order by layer;

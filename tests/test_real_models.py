@@ -378,8 +378,8 @@ def check_extraction(storage: Storage, ref: Reference, n_layers: int) -> None:
 def check_dormancy(storage: Storage, ref: Reference, n_layers: int, tau: float) -> None:
     rows = tables.read_partition(storage, "dormancy", "r").to_pylist()
     rows = sorted((r for r in rows if r["definition"] == "tau" and r["threshold"] == tau),
-                  key=lambda r: r["layer_index"])
-    assert [r["layer_index"] for r in rows] == list(range(n_layers))
+                  key=lambda r: r["layer"])
+    assert [r["layer"] for r in rows] == list(range(n_layers))
     for l, row in enumerate(rows):
         a = ref.acts[l].astype(np.float64)
         mean_abs = np.abs(a).mean(0)
@@ -464,8 +464,8 @@ def test_smollm2_gradients_match_backward(llama, corpus):
     positions = ids[:, :-1].numel()
     for l in (0, 1):
         g = kept[l].grad[:, :-1].reshape(-1, D_MLP).double().numpy()
-        part = frame[frame["layer"] == l].sort_values("index")
-        assert part["index"].tolist() == list(range(D_MLP))
+        part = frame[frame["layer"] == l].sort_values("neuron")
+        assert part["neuron"].tolist() == list(range(D_MLP))
         assert part["neuron_id"].tolist() == [l * D_MLP + i for i in range(D_MLP)]
         scale = np.abs(g).sum(0).max() / positions
         np.testing.assert_allclose(part["grad_mean"], g.sum(0) / positions, rtol=1e-4,

@@ -374,14 +374,22 @@ class Prompt:
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
-    """Prompts in the reference CSV format `prompts,number_of_new_tokens,num_samples`."""
+    """Prompts in the reference CSV format `prompts,number_of_new_tokens,num_samples`.
+
+    num_samples may be left out (every prompt is sampled once, said in a log line); a file
+    saved by Excel as "CSV UTF-8" starts with a byte-order mark, which is not part of the
+    first column's name."""
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        # utf-8-sig: reads plain UTF-8 as is and drops a leading BOM
+        with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             columns = [c.strip() for c in (reader.fieldnames or [])]
             rows = list(reader)
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:
+        raise UserError(f"prompts file {str(path)!r} is not UTF-8 text: save it as UTF-8 "
+                        "(in Excel: CSV UTF-8)") from None
+    except OSError as e:
         raise UserError(f"prompts file {str(path)!r} cannot be read ({e}): check the path") from None
     if not columns:
         raise UserError(
@@ -394,6 +402,9 @@ def read_prompts(path: str | Path) -> list[Prompt]:
             f"prompts file {str(path)!r} lacks column(s) {missing} (has {columns}): "
             f"the header must be '{','.join(PROMPT_COLUMNS)}'"
         )
+    if "num_samples" not in columns:
+        log.info("prompts file %s has no num_samples column: num_samples defaults to 1 (one "
+                 "sample per prompt)", path)
     prompts = []
     for n, raw in enumerate(rows, 2):
         row = {(k or "").strip(): (v or "") for k, v in raw.items()}

@@ -6,26 +6,39 @@ Layout (storage/README.md):
     runs/<run_id>/arrays.zarr/      Zarr v3 group: acts/L<l>, active/L<l>, coact/L<a>_L<b>
     tables/<table>/run_id=<run_id>/ Parquet, hive-partitioned by run
     reports/<name>/                 figures and index.html
+    cache/                          derived inputs kept between processes (the stdlib corpus)
+    runs/.locks/<owner>.lock        held (flock) by the process writing a run's outputs
+
+One process writes a run's outputs at a time: `Storage.marker` takes the run's lock (an OS lock
+that the kernel releases when the process dies, so a kill -9 never leaves it stuck), and the
+first time a process takes it, it removes what interrupted writes of that run left behind.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
 import tempfile
 import threading
+import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.core.errors import UserError
 
+log = logging.getLogger(__name__)
+
 DEFAULT_ROOT = Path(os.environ.get("NWH_STORAGE", "storage"))
+WAREHOUSE_FOLDERS = ("runs", "tables", "models", "reports")  # one of them makes a root a warehouse
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}$")
 
 
@@ -49,19 +62,37 @@ def slug(*parts: str) -> str:
 class Storage:
     """The warehouse root and the paths under it."""
 
-    def __init__(self, root: str | os.PathLike = DEFAULT_ROOT):
+    def __init__(self, root: str | os.PathLike = DEFAULT_ROOT, *, must_exist: bool = False):
+        """`must_exist`: the root must already be a warehouse (stages that only read it: a
+        mistyped --storage is an error, not an empty result)."""
         self.root = Path(root)
+        if must_exist:
+            self.check_exists()
+
+    def check_exists(self) -> None:
+        if not self.root.is_dir():
+            what = "is not a folder" if self.root.exists() else "does not exist"
+            raise UserError(f"storage root {str(self.root)!r} {what}: check --storage (or "
+                            "NWH_STORAGE); extract or zoo create a warehouse")
+        if not any((self.root / name).is_dir() for name in WAREHOUSE_FOLDERS):
+            raise UserError(f"storage root {str(self.root)!r} is not a warehouse (no "
+                            f"{', '.join(n + '/' for n in WAREHOUSE_FOLDERS)}): check --storage")
 
     def ensure_writable(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = tempfile.NamedTemporaryFile(dir=self.root, prefix=".probe-", delete=True)
+            # the pid in the name: a probe a kill left behind is known as debris (clean_root)
+            probe = tempfile.NamedTemporaryFile(dir=self.root, prefix=f".probe-{os.getpid()}-",
+                                                delete=True)
             probe.close()
         except OSError as e:
+            if e.errno in DISK_FULL_ERRNOS:
+                raise UserError(disk_full_message(self.root)) from None
             raise UserError(
                 f"storage root {str(self.root)!r} is not writable ({e.strerror}): "
                 "pass --storage with a writable directory"
             ) from None
+        clean_root(self.root)
 
     # -- folders
     def models_dir(self) -> Path:
@@ -86,11 +117,29 @@ class Storage:
         return self.root / "reports" / validate_run_id(name)
 
     def marker(self, owner: str, stage: str, key: str = "") -> Marker:
-        """The completion marker of a stage's output owned by a run (or result name)."""
-        return Marker(marker_path(self, owner, stage, key))
+        """The completion marker of a stage's output owned by a run (or result name).
+
+        Every writing stage asks for its marker before it writes, so this is where a process
+        takes the owner's write lock (refused in one line while another process holds it).
+        The lock is held while the marker object lives and released once the marker is
+        written (its work is done) or dropped; re-entrant within a process."""
+        return Marker(marker_path(self, owner, stage, key), lease=self.lock(owner, stage))
+
+    def lock_path(self, owner: str) -> Path:
+        # beside the run folders, not in them: --overwrite deletes a run's folder while its
+        # writer holds the lock
+        return self.root / "runs" / ".locks" / f"{validate_run_id(owner)}.lock"
+
+    def lock(self, owner: str, stage: str = "") -> Lease:
+        """Hold the write lock of a run (or result name) until the lease is released."""
+        return _acquire(self, owner, stage)
 
     def catalog(self) -> Path:
         return self.root / "warehouse.duckdb"
+
+    def cache_dir(self) -> Path:
+        """Derived inputs kept between processes (the parsed stdlib corpus)."""
+        return self.root / "cache"
 
     def finished_run(self, run_id: str) -> dict:
         """Manifest of a finished extraction run, or a UserError that says what to do."""
@@ -216,9 +265,18 @@ def write_marker(path: Path, config: dict, config_hash: str, **summary: Any) -> 
 
 @dataclass(frozen=True)
 class Marker:
-    """A completion marker file: `done(hash)` reads it, `write(...)` writes it (last)."""
+    """A completion marker file: `done(hash)` reads it, `write(...)` writes it (last).
+
+    From `Storage.marker` it carries the lease of its owner's write lock: released by
+    `write` (the stage's last step) or when the marker is dropped (the stage returned or
+    raised)."""
 
     path: Path
+    lease: Lease | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.lease is not None:
+            weakref.finalize(self, self.lease.release)
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -231,3 +289,237 @@ class Marker:
 
     def write(self, config: dict, config_hash: str, **summary: Any) -> None:
         write_marker(self.path, config, config_hash, **summary)
+        if self.lease is not None:
+            self.lease.release()
+
+
+# -- the write lock of a run: fcntl.flock on runs/.locks/<owner>.lock
+#
+# The kernel drops a flock when its holder dies, so a killed process never leaves a run locked.
+# Within a process the lock is re-entrant (counted): stages that nest markers of one owner
+# (a subset grid and its cells), and two Storage objects of one root, share it.
+
+
+class Lease:
+    """One holding of a run's write lock; `release()` is idempotent."""
+
+    def __init__(self, held: _Held | None):
+        self._held = held
+
+    @property
+    def held(self) -> bool:
+        return self._held is not None
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.release()
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _Held:
+    """The open, locked file of one lock path in this process, with its holding count."""
+
+    def __init__(self, key: str, path: Path, fd: int, created: list[Path]):
+        self.key, self.path, self.fd, self.count = key, path, fd, 1
+        self.created = created  # folders made for the lock file, removed again when empty
+
+    def release(self) -> None:
+        with _LOCKS_GUARD:
+            self.count -= 1
+            if self.count > 0:
+                return
+            _LOCKS.pop(self.key, None)
+            # unlink while still locked: a process that opened this file and then gets the
+            # lock sees that the path no longer names its file, and opens the path again
+            try:
+                if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino:
+                    os.unlink(self.path)
+            except OSError:
+                pass
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            for folder in self.created:  # deepest first; a folder in use is not empty
+                try:
+                    os.rmdir(folder)
+                except OSError:
+                    break
+
+
+_LOCKS: dict[str, _Held] = {}
+_LOCKS_GUARD = threading.RLock()
+
+
+def _acquire(storage: Storage, owner: str, stage: str) -> Lease:
+    path = storage.lock_path(owner)
+    key = os.path.realpath(path)
+    with _LOCKS_GUARD:
+        held = _LOCKS.get(key)
+        if held is not None:
+            held.count += 1
+            return Lease(held)
+        try:
+            fd, created = _lock_file(path, owner)
+        except OSError as e:
+            if e.errno in DISK_FULL_ERRNOS:
+                raise
+            # a read-only or unusable root: its writes fail with their own message
+            # (ensure_writable), and a stage that only finds its work done writes nothing
+            log.debug("no write lock for %s: %s", owner, e)
+            return Lease(None)
+        held = _LOCKS[key] = _Held(key, path, fd, created)
+        _note_holder(fd, stage)
+    clean_root(storage.root)
+    removed = clean_leftovers(storage, owner)
+    if removed:
+        log.info("%s: removed %d leftover temporary file(s) of interrupted writes", owner, removed)
+    return Lease(held)
+
+
+def _lock_file(path: Path, owner: str) -> tuple[int, list[Path]]:
+    """(fd of `path`, exclusively flocked; the folders made for it, deepest first); a
+    UserError when another process holds it."""
+    created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # another process removed the empty folder just now
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise UserError(f"run {owner!r} is being written by another process ({holder}): "
+                            "wait for it to finish or stop it, then run this again") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the holder may have unlinked the file as it released it: lock the path anew
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd, created
+        os.close(fd)
+
+
+def _note_holder(fd: int, stage: str) -> None:
+    """Who holds the lock, for the refusal message of another process (best effort)."""
+    from datetime import datetime
+
+    text = json.dumps({"pid": os.getpid(), "stage": stage,
+                       "since": datetime.now().isoformat(timespec="seconds")})
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text.encode(), 0)
+    except OSError:
+        pass
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info.get("pid"):
+        return "another process"
+    stage = f"nwh {info['stage']}, " if info.get("stage") else ""
+    return f"pid {info['pid']}, {stage}since {info.get('since', '?')}"
+
+
+# -- leftovers of interrupted writes
+
+_OURS = re.compile(r"^\..+\.(?:tmp|old)-(\d+)-\d+-[0-9a-f]+$")  # atomic_path's names
+_ZARR_PARTIAL = re.compile(r"\.[0-9a-f]{32}\.partial$")    # zarr's LocalStore: <key>.<uuid>.partial
+_PROBE = re.compile(r"^\.probe-(\d+)-")                      # ensure_writable's probe
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _is_leftover(name: str) -> bool:
+    """Debris of an interrupted write: a zarr partial chunk (only the lock holder writes the
+    run's arrays), or a temporary of atomic_path whose writing process is gone."""
+    if _ZARR_PARTIAL.search(name):
+        return True
+    ours = _OURS.match(name)
+    return bool(ours) and not _pid_alive(int(ours.group(1)))
+
+
+def clean_leftovers(storage: Storage, owner: str) -> int:
+    """Remove what interrupted writes left in a run's folder and table partitions (called with
+    the run's lock held): zarr's *.<uuid>.partial chunks and metadata, atomic_path's
+    .<name>.tmp-<pid>-* / .<name>.old-<pid>-* files and folders. Returns how many."""
+    folders = [storage.run_dir(owner)]
+    tables = storage.root / "tables"
+    if tables.is_dir():
+        folders += [p / f"run_id={owner}" for p in tables.iterdir() if p.is_dir()]
+    removed = 0
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for directory, subdirs, files in os.walk(folder):
+            for name in [d for d in subdirs if _is_leftover(d)]:
+                subdirs.remove(name)  # not descended into: removed whole
+                _remove(Path(directory) / name)
+                removed += 1
+            for name in files:
+                if _is_leftover(name):
+                    _remove(Path(directory) / name)
+                    removed += 1
+    return removed
+
+
+def clean_root(root: Path) -> None:
+    """What killed processes left directly in the root: writability probes and temporaries
+    of atomic writes there (the catalog), when their process is gone."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        found = _PROBE.match(name) or _OURS.match(name)
+        if found and not _pid_alive(int(found.group(1))):
+            _remove(Path(root) / name)
+
+
+# -- a full disk: one message, wherever in a stage it happens
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = re.compile(r"no space left on device|disk quota exceeded|"
+                             r"\d+ requested and \d+ written", re.I)  # numpy's short write
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether an error, or one it was raised from (causes, contexts, exception groups), is a
+    full disk: errno ENOSPC / EDQUOT, or their text (pyarrow, DuckDB and numpy word it)."""
+    stack, seen = [error], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return True
+        if _DISK_FULL_TEXT.search(str(e)):
+            return True
+        stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return False
+
+
+def disk_full_message(root: str | os.PathLike) -> str:
+    return f"no space left on device under {root}: free space and rerun; the run resumes"

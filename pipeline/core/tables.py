@@ -88,19 +88,43 @@ def write_part(storage: Storage, table: str, run_id: str, data: Any, part: str =
     """Write one validated Parquet file of a run's partition, atomically."""
     arrow = to_arrow(table, data)
     path = part_path(storage, table, run_id, part)
+    new_partition = not _has_parts(path.parent)
     with atomic_path(path) as tmp:
         pq.write_table(arrow, tmp, compression="zstd")
+    if new_partition:
+        _partitions_changed(storage, table)
     return path
 
 
 def drop_partition(storage: Storage, table: str, run_id: str) -> None:
-    shutil.rmtree(storage.table_partition(table, run_id), ignore_errors=True)
+    folder = storage.table_partition(table, run_id)
+    had_parts = _has_parts(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    if had_parts:
+        _partitions_changed(storage, table)
 
 
 def drop_partition_parts(storage: Storage, table: str, run_id: str, prefix: str) -> None:
     """Remove the parts of a run's partition whose name starts with `prefix` (before a rewrite)."""
-    for part in storage.table_partition(table, run_id).glob(f"{prefix}*.parquet"):
+    folder = storage.table_partition(table, run_id)
+    removed = 0
+    for part in folder.glob(f"{prefix}*.parquet"):
         part.unlink()
+        removed += 1
+    if removed and not _has_parts(folder):
+        _partitions_changed(storage, table)
+
+
+def _has_parts(folder: Path) -> bool:
+    return any(folder.glob("*.parquet"))
+
+
+def _partitions_changed(storage: Storage, table: str) -> None:
+    # the catalog file (warehouse.duckdb) follows the set of partitions; imported here because
+    # the warehouse module builds on this one
+    from pipeline.core import warehouse
+
+    warehouse.partitions_changed(storage, table)
 
 
 def read_partition(storage: Storage, table: str, run_id: str) -> pa.Table:

@@ -24,7 +24,7 @@ LABELS = {"neuron": ("a", "neuron"), "sae_feature": ("f", "SAE feature"),
 def draw(result, config, storage) -> list[Path]:
     out = storage.reports(result.name)
     kind = result.frame["kind"][0]
-    layers = {l: part.sort("index") for (l,), part in
+    layers = {l: part.sort("neuron") for (l,), part in
               result.frame.group_by("layer", maintain_order=True)}
     paths = [plot_layer(part, l, result.modes, kind, out / f"layer_{l}_gradients.png")
              for l, part in layers.items()]

@@ -28,14 +28,14 @@ def draw(result, config, storage: Storage) -> list[Path]:
     weights = edges.select("weight").collect()["weight"].to_numpy()
     label = f"{config.weight} > {config.threshold:g}"
     paths = [plot_histogram(weights, out_dir / f"edge_weights_{config.weight}.png",
-                            title=f"Edge weights ({label})", xlabel="weight"),
+                            title=f"{config.run}: edge weights ({label})", xlabel="weight"),
              plot_histogram(_degrees(edges, result.nodes),
                             out_dir / f"degrees_{config.weight}_{config.threshold!r}.png",
-                            title=f"Node degrees ({label})", xlabel="degree")]
+                            title=f"{config.run}: node degrees ({label})", xlabel="degree")]
     analysis = pl.from_arrow(tables.read_part(storage, "threshold_analysis", config.run,
                                              config.weight))
     paths.append(plot_threshold_analysis(analysis, out_dir / f"threshold_analysis_{config.weight}.png",
-                                         config.weight))
+                                         config.weight, run=config.run))
     paths.append(tables.write_frame(analysis.drop("weight"),
                                     out_dir / f"threshold_analysis_{config.weight}.csv"))
     return paths
@@ -50,11 +50,13 @@ def _degrees(edges: pl.LazyFrame, n_nodes: int) -> np.ndarray:
     return np.concatenate([counts, np.zeros(n_nodes - len(counts), counts.dtype)])
 
 
-def plot_threshold_analysis(analysis: pl.DataFrame, path: Path, weight: str) -> Path:
+def plot_threshold_analysis(analysis: pl.DataFrame, path: Path, weight: str, *,
+                            run: str = "") -> Path:
     """Edges kept, nodes and components, component sizes, per threshold."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    analysis = analysis.sort("threshold")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.5))
     t = analysis["threshold"].to_numpy()
     axes[0].plot(t, analysis["edges"], marker="o")
     axes[0].set(yscale="symlog", title="Edges kept", xlabel=f"{weight} threshold", ylabel="edges")
@@ -68,5 +70,31 @@ def plot_threshold_analysis(analysis: pl.DataFrame, path: Path, weight: str) -> 
     axes[2].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
+    if run:
+        fig.suptitle(f"{run}: co-activation graph per {weight} threshold")
+    fig.tight_layout()
+    return save_png(fig, path)
+
+
+def plot_subset_layers(members: pl.DataFrame, path: Path, *, run: str = "") -> Path:
+    """Neurons of each subset per layer (rows: subsets, columns: layers), counts printed."""
+    import matplotlib.pyplot as plt
+
+    subsets = sorted(set(members["subset"].to_list()))
+    layers = sorted(set(members["layer"].to_list()))
+    grid = np.zeros((len(subsets), len(layers)))
+    counts = members.group_by("subset", "layer").len()
+    for r in counts.iter_rows(named=True):
+        grid[subsets.index(r["subset"]), layers.index(r["layer"])] = r["len"]
+    fig, ax = plt.subplots(figsize=(max(12, 0.6 * len(layers) + 5), max(4, 0.45 * len(subsets) + 2)))
+    im = ax.imshow(grid, aspect="auto", cmap="Blues")
+    if grid.size <= 600:
+        for (i, j), value in np.ndenumerate(grid):
+            ax.text(j, i, f"{int(value)}", ha="center", va="center", fontsize=10,
+                    color="white" if value > grid.max() / 2 else "black")
+    ax.set_xticks(range(len(layers)), [str(l) for l in layers])
+    ax.set_yticks(range(len(subsets)), subsets)
+    ax.set(xlabel="layer", title=f"{run + ': ' if run else ''}neurons of each subset per layer")
+    fig.colorbar(im, ax=ax, label="neurons")
     fig.tight_layout()
     return save_png(fig, path)

@@ -4,7 +4,9 @@
         --tables 'runs=select * from runs' 'dormancy=select * from dormancy order by run_id'
 
 Writes storage/reports/<name>/index.html (opens without a server; images by relative path)
-and CSV copies of the warehouse tables it links under storage/reports/<name>/tables/.
+and CSV copies of the warehouse tables it links under storage/reports/<name>/tables/. One
+figure per row at full width; cinematic maps on a dark frame. For a page per neuron, the
+headline numbers and search, build the site instead: `nwh site` (pipeline/report/site/).
 """
 
 from __future__ import annotations
@@ -133,8 +135,10 @@ def _query(storage: Storage, table: str, sql: str):
 
 
 def _section(folder: str, pngs: list[Path], out: Path) -> str:
+    # cinematic maps are white on transparent: they need the dark frame to be seen
     figures = "".join(
-        f'<figure><img src="{html.escape(os.path.relpath(png, out))}" loading="lazy">'
+        f'<figure{" class=dark" if "cinematic" in png.stem else ""}>'
+        f'<img src="{html.escape(os.path.relpath(png, out))}" loading="lazy">'
         f"<figcaption>{html.escape(caption(png.stem))}</figcaption></figure>" for png in pngs)
     return f"<h2>{html.escape(folder)}</h2>\n<div class=grid>{figures}</div>"
 
@@ -144,9 +148,10 @@ def _page(name: str, links: list[str], sections: list[str]) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>Neuron Warehouse report: {html.escape(name)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-.grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 1.2em; }}
+.grid {{ display: grid; grid-template-columns: 1fr; gap: 1.6em; max-width: 1400px; }}
 figure {{ margin: 0; border: 1px solid #ddd; padding: .5em; background: #fafafa; }}
-img {{ width: 100%; }} figcaption {{ font-size: .9em; margin-top: .3em; }}
+figure.dark {{ background: #111; color: #ddd; }}
+img {{ width: 100%; }} figcaption {{ font-size: 1em; margin-top: .3em; }}
 </style></head><body>
 <h1>Neuron Warehouse report: {html.escape(name)}</h1>
 <h2>Tables</h2><ul>{''.join(links)}</ul>

@@ -7,6 +7,8 @@ Writes the `dormancy` table (part <definition>-<threshold>, the threshold writte
 the per-layer log in the reference CSV format, by default under reports/<run>/:
     timestamp,model,revision,step,threshold,layer_name,layer_index,num_neurons,num_dormant,
     pct_dormant,avg_activation,max_activation
+The log keeps the reference's header; the table names its columns as every other table does
+(layer_index is `layer`, layer_name is `site`).
 The sweep over training checkpoints (extract + dormancy per revision) is a flow:
 pipeline/flows.py, `nwh dormancy-sweep`.
 """
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 DEFINITIONS = ("tau", "never_active", "max_abs")
 LOG_MODES = ("append", "write")
+# the reference log's header (its layer_name, layer_index are the table's site, layer)
 LOG_COLUMNS = ("timestamp", "model", "revision", "step", "threshold", "layer_name", "layer_index",
                "num_neurons", "num_dormant", "pct_dormant", "avg_activation", "max_activation")
 
@@ -85,6 +88,65 @@ def parse_step(revision: str | None) -> int | None:
     """Training step of a revision name such as 'step1000' (Pythia and the zoo)."""
     match = re.fullmatch(r"step(\d+)", revision or "")
     return int(match.group(1)) if match else None
+
+
+def check_revisions(storage: Storage, model: str, revisions: list[str]) -> None:
+    """Refuse a sweep naming a revision the model lacks before anything is extracted: zoo and
+    local models list their checkpoints; a hub model's branches and tags are asked once
+    (offline: each revision must be in the cache). Revisions the hub cannot be asked about
+    are left to the extraction."""
+    from pipeline.models import zoo
+
+    if not revisions:
+        raise UserError("--revisions is empty: name at least one checkpoint, e.g. 'step0 step1000'")
+    if zoo.is_zoo_name(model):
+        known = zoo.zoo_revisions(storage, model)
+        where = f"zoo model {model!r}"
+    elif Path(model).expanduser().is_dir():
+        root = Path(model).expanduser()
+        known = sorted(p.name for p in root.iterdir() if (p / "config.json").exists())
+        where = f"model folder {model!r}"
+    elif str(model).lower().endswith(".gguf"):
+        raise UserError(f"--revisions with the GGUF file {model!r}: a GGUF file holds one "
+                        "checkpoint; sweep a folder of checkpoints or a hub model")
+    else:
+        _check_hub_revisions(model, revisions)
+        return
+    unknown = [r for r in revisions if r not in known]
+    if unknown:
+        raise UserError(f"{where} has no revision {' '.join(unknown)}: available are "
+                        f"{' '.join(known) or 'none'}; nothing was extracted")
+
+
+def _check_hub_revisions(model: str, revisions: list[str]) -> None:
+    from huggingface_hub import try_to_load_from_cache
+
+    from pipeline.models.loading import _hub_offline_reason
+
+    offline = _hub_offline_reason()
+    if offline:  # the extraction would need each revision's files from the cache
+        missing = [r for r in revisions if not isinstance(
+            try_to_load_from_cache(model, "config.json", revision=r), str)]
+        if missing:
+            raise UserError(f"model {model!r} has no cached revision {' '.join(missing)} and "
+                            f"the hub cannot be asked ({offline}): download them once online, or "
+                            "sweep only cached revisions; nothing was extracted")
+        return
+    try:
+        from huggingface_hub import HfApi
+
+        refs = HfApi().list_repo_refs(model)
+    except Exception as e:  # noqa: BLE001 - gated, private, rate-limited: the load will say
+        log.debug("revisions of %s not checked: %s", model, e)
+        return
+    known = [b.name for b in refs.branches] + [t.name for t in refs.tags]
+    unknown = [r for r in revisions if r not in known and not re.fullmatch(r"[0-9a-f]{7,40}", r)]
+    if unknown:
+        shown = " ".join(sorted(known, key=lambda r: (parse_step(r) is None, parse_step(r) or 0,
+                                                      r))[:8])
+        raise UserError(f"model {model!r} has no revision {' '.join(unknown)} on the hub "
+                        f"(branches and tags: {shown}{' ...' if len(known) > 8 else ''}); "
+                        "nothing was extracted")
 
 
 def dormant_neurons(storage: Storage, run: str, *, definition: str = "tau",
@@ -176,7 +238,7 @@ def write_log(rows: pl.DataFrame, path: Path, *, mode: str = "append") -> None:
     writer = csv.writer(buf, lineterminator="\n")
     for r in rows.iter_rows(named=True):
         writer.writerow([r["timestamp"], r["model"], r["revision"], _fmt(r["step"]),
-                         _fmt(r["threshold"]), r["layer_name"], r["layer_index"], r["num_neurons"],
+                         _fmt(r["threshold"]), r["site"], r["layer"], r["num_neurons"],
                          r["num_dormant"], _fmt(r["pct_dormant"], 4),
                          _fmt(r["avg_activation"], 6), _fmt(r["max_activation"], 6)])
     header = ",".join(LOG_COLUMNS) + "\n"
@@ -196,7 +258,7 @@ def read_log(path: str | Path) -> pl.DataFrame:
 def format_rows(rows: pl.DataFrame, log_file: Path) -> str:
     """The per-layer table and where it was logged (the CLI's text)."""
     with pl.Config(tbl_rows=200, tbl_cols=-1, tbl_width_chars=160):
-        table = str(rows.select("revision", "step", "layer_index", "num_neurons", "num_dormant",
+        table = str(rows.select("revision", "step", "layer", "num_neurons", "num_dormant",
                                 "pct_dormant", "avg_activation", "max_activation"))
     return f"{table}\nlogged {rows.height} rows to {log_file}"
 

@@ -9,6 +9,8 @@ int32; neuron_ids: the column's neuron id; neuron_map: dict neuron id -> column,
 allow_pickle as the reference does). Column names are those the reference readers look up
 (`node_id`, `neuron_id`, `activation_count`, `sample_id`, `input_text`, `output`).
 Every file is written to a temporary name and renamed; an --out-dir that is a file is refused.
+The files are streamed in blocks of token rows (tokens, masks and matrix rows alike), so memory
+stays bounded by a block, not by the run's rows.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -29,13 +34,20 @@ from pipeline.core.storage import Marker, Storage, atomic_path, validate_run_id
 log = logging.getLogger(__name__)
 
 EDGE_WARNING = 10_000_000
-BLOCK = 8192
+BLOCK_BYTES = 64 << 20  # unpacked masks + int32 matrix rows held per block
+TOKEN_COLUMNS = ("row", "sample", "prompt_sample", "position", "token", "token_id", "generated")
 
 
 def _active_rows(group, layers, widths, start, stop) -> np.ndarray:
     """Binary [rows, all recorded neurons] of a row block (layer-major columns)."""
     return np.concatenate([arrays.unpack_mask(group[f"active/L{l}"][start:stop], widths[l])
                            for l in layers], axis=1)
+
+
+def block_rows_for(neurons: int, budget: int = BLOCK_BYTES) -> int:
+    """Token rows per block: ~10 B per neuron and row are live at once (unpacked bits, their
+    bools, the layer-major concatenation, the int32 matrix rows)."""
+    return max(1, min(8192, budget // max(1, 10 * neurons)))
 
 
 @dataclass(kw_only=True)
@@ -46,16 +58,23 @@ class ExportConfig:
     edges: bool = opt(True, help="write the full edge list (large for big models)")
     overwrite: bool = opt(False, help="write the files again even if this export is finished",
                           hash=False)
+    block_rows: int | None = opt(None, help="token rows per block (default: ~64 MiB of masks)",
+                                 cli=False, hash=False)
 
     def __post_init__(self) -> None:
         validate_run_id(self.run)
         out = Path(self.out_dir)
         for folder in (out, *out.parents):
-            if folder.exists():
+            if os.path.lexists(folder):
+                where = "" if folder == out else f": its parent {str(folder)!r}"
+                if folder.is_symlink() and not folder.exists():
+                    raise UserError(f"--out-dir {self.out_dir!r}{where} is a link to a missing "
+                                    "path: give a folder")
                 if not folder.is_dir():
-                    where = "" if folder == out else f": its parent {str(folder)!r}"
                     raise UserError(f"--out-dir {self.out_dir!r}{where} is a file: give a folder")
                 break
+        if self.block_rows is not None and self.block_rows < 1:
+            raise UserError(f"block_rows must be at least 1, got {self.block_rows}")
         if self.prefix is not None and (not self.prefix or "/" in self.prefix
                                         or self.prefix.startswith(".")):
             raise UserError(f"--prefix {self.prefix!r} must be a plain file name prefix")
@@ -78,6 +97,14 @@ def run(config: ExportConfig, storage: Storage) -> ExportResult:
     done = None if config.overwrite else marker.done(digest)
     if done is not None and all(Path(p).exists() for p in done["paths"]):
         return ExportResult([Path(p) for p in done["paths"]], skipped=True)
+    names = ["activation_dataset.csv", "neuron_activations.json", "neuron_attributes.csv",
+             *(["neuron_edges.el"] if config.edges else []), "neuron_frequency.csv",
+             "activation_matrix.npz"]
+    dataset, acts_json, attributes, *edges, frequency, matrix = [
+        out_dir / f"{prefix}_{n}" for n in names]
+    for path in (dataset, acts_json, attributes, *edges, frequency, matrix):
+        if path.is_dir():  # checked before any file is written: a rename onto it would fail late
+            raise UserError(f"{str(path)!r} is a folder: move it away or pick another --prefix")
     out_dir.mkdir(parents=True, exist_ok=True)
     neurons = tables.read_partition(storage, "neurons", config.run)
     frequency_table = _neuron_frequency(storage, config.run)
@@ -85,19 +112,14 @@ def run(config: ExportConfig, storage: Storage) -> ExportResult:
                         frequency_table["activation_count"].to_list()))
     ids = neurons["neuron_id"].to_numpy()
     ever = np.flatnonzero([count_of[n] > 0 for n in ids.tolist()])  # columns of the masks
-    dataset, acts_json = (out_dir / f"{prefix}_activation_dataset.csv",
-                          out_dir / f"{prefix}_neuron_activations.json")
-    matrix = write_token_files(storage, config.run, manifest, dataset, acts_json, ids, ever)
-    paths = [dataset, acts_json, write_attributes(out_dir / f"{prefix}_neuron_attributes.csv",
-                                                  neurons)]
-    if config.edges:
-        paths.append(write_edge_list(out_dir / f"{prefix}_neuron_edges.el", neurons))
-    frequency = out_dir / f"{prefix}_neuron_frequency.csv"
+    block = config.block_rows or block_rows_for(len(ids))
+    write_token_files(storage, config.run, manifest, dataset, acts_json, matrix, ids, ever, block)
+    write_attributes(attributes, neurons)
+    if edges:
+        write_edge_list(edges[0], neurons)
     with atomic_path(frequency) as tmp:
         frequency_table.write_csv(tmp)
-    paths.append(frequency)
-    paths.append(write_matrix(out_dir / f"{prefix}_activation_matrix.npz", matrix,
-                              ids[ever]))
+    paths = [dataset, acts_json, attributes, *edges, frequency, matrix]
     marker.write(to_dict(config), digest, paths=[str(p) for p in paths])
     return ExportResult(paths)
 
@@ -111,38 +133,126 @@ def _neuron_frequency(storage: Storage, run: str):
 
 
 def write_token_files(storage: Storage, run: str, manifest: dict, dataset: Path, acts_json: Path,
-                      ids: np.ndarray, ever: np.ndarray) -> np.ndarray:
-    """The token-level dataset CSV and the active ids per row (JSON), streamed over row blocks
-    from one read of the masks, which also gives the activation matrix's columns `ever`."""
+                      matrix: Path, ids: np.ndarray, ever: np.ndarray, block_rows: int) -> None:
+    """The token-level dataset CSV, the active ids per row (JSON) and the activation matrix
+    (.npz), streamed together over blocks of rows from one read of the tokens and the masks;
+    the matrix's columns are the neurons `ever` active."""
     rows = manifest["rows"]
     layers, widths = manifest["model"]["layers"], manifest["model"]["widths"]
     group = arrays.open_group(storage.arrays(run), mode="r")
-    tokens = tables.read_partition(storage, "tokens", run).to_pydict()
-    prompts = _prompt_texts(tokens)
     offsets = np.concatenate([[0], np.cumsum([widths[l] for l in layers])])
-    matrix_blocks = [np.zeros((0, len(ever)), np.int32)]
-    with atomic_path(dataset) as tmp_csv, atomic_path(acts_json) as tmp_json:
-        with open(tmp_csv, "w", newline="") as fc, open(tmp_json, "w") as fj:
+    with atomic_path(dataset) as tmp_csv, atomic_path(acts_json) as tmp_json, \
+            atomic_path(matrix) as tmp_npz:
+        with open(tmp_csv, "w", newline="") as fc, open(tmp_json, "w") as fj, \
+                _MatrixWriter(tmp_npz, rows, len(ever)) as fm:
             writer = csv.writer(fc)
             writer.writerow(["sample_id", "prompt_sample_idx", "token_position", "input_text",
                              "output", "output_id", "number_of_active_neurons"]
                             + [f"layer_{l}_num_active_neurons" for l in layers])
             fj.write("{")
-            for start in range(0, rows, BLOCK):
-                stop = min(start + BLOCK, rows)
-                block = _active_rows(group, layers, widths, start, stop)
-                matrix_blocks.append(block[:, ever].astype(np.int32))
-                per_layer = np.add.reduceat(block, offsets[:-1], axis=1, dtype=np.int64)
-                for k, r in enumerate(range(start, stop)):
-                    writer.writerow([r, tokens["prompt_sample"][r], tokens["position"][r],
-                                     prompts[tokens["sample"][r]], tokens["token"][r],
-                                     tokens["token_id"][r], int(per_layer[k].sum()),
-                                     *per_layer[k].tolist()])
-                    active = ids[np.flatnonzero(block[k])].tolist()
-                    fj.write(("," if r else "") + f'"{r}":' + json.dumps(active))
+            done = 0
+            for tokens, texts in _token_blocks(storage, run, block_rows):
+                start = done
+                for a in range(0, len(tokens["row"]), block_rows):
+                    b = min(a + block_rows, len(tokens["row"]))
+                    block = _active_rows(group, layers, widths, start + a, start + b)
+                    # int32: the reference's per-edge np.dot of two columns counts exactly
+                    fm.write(block[:, ever].astype(np.int32))
+                    per_layer = np.add.reduceat(block, offsets[:-1], axis=1, dtype=np.int64)
+                    for k in range(b - a):
+                        r = tokens["row"][a + k]
+                        writer.writerow([r, tokens["prompt_sample"][a + k],
+                                         tokens["position"][a + k], texts[tokens["sample"][a + k]],
+                                         tokens["token"][a + k], tokens["token_id"][a + k],
+                                         int(per_layer[k].sum()), *per_layer[k].tolist()])
+                        active = ids[np.flatnonzero(block[k])].tolist()
+                        fj.write(("," if r else "") + f'"{r}":' + json.dumps(active))
+                done += len(tokens["row"])
+            if done != rows:
+                raise UserError(f"run {run!r} has {done} token rows but its manifest says {rows}: "
+                                "re-extract it (--overwrite)")
             fj.write("}")
-    # int32: the reference's per-edge np.dot of two columns counts exactly (a uint8 dot wraps)
-    return np.concatenate(matrix_blocks)
+            fm.finish(ids[ever])
+
+
+def _token_blocks(storage: Storage, run: str, block_rows: int) -> Iterator[tuple[dict, dict]]:
+    """The tokens table in row order, in blocks of whole samples of about block_rows rows (one
+    sample may make a block longer): (columns, input text of each sample in the block)."""
+    import pyarrow.parquet as pq
+
+    parts = sorted(storage.table_partition("tokens", run).glob("*.parquet"))
+    pending: dict[str, list] = {c: [] for c in TOKEN_COLUMNS}
+    expected = 0
+    for part in parts:
+        for batch in pq.ParquetFile(part).iter_batches(batch_size=block_rows,
+                                                       columns=list(TOKEN_COLUMNS)):
+            cols = batch.to_pydict()
+            if cols["row"] and cols["row"][0] != expected:
+                raise UserError(f"the tokens table of run {run!r} is not in row order at row "
+                                f"{expected} ({part.name}): re-extract it (--overwrite)")
+            expected += len(cols["row"])
+            for c in TOKEN_COLUMNS:
+                pending[c] += cols[c]
+            if len(pending["row"]) >= block_rows:
+                # cut before the last sample: it may go on in the next batch
+                samples = pending["sample"]
+                cut = len(samples)
+                while cut > 0 and samples[cut - 1] == samples[-1]:
+                    cut -= 1
+                if cut:
+                    head = {c: v[:cut] for c, v in pending.items()}
+                    pending = {c: v[cut:] for c, v in pending.items()}
+                    yield head, _sample_texts(head)
+    if pending["row"]:
+        yield pending, _sample_texts(pending)
+
+
+def _sample_texts(tokens: dict) -> dict[int, str]:
+    """Input text per sample: the prompt for generated samples, the window text for a corpus
+    (every sample of the block is whole)."""
+    texts: dict[int, list[str]] = {s: [] for s in tokens["sample"]}
+    for s, tok, generated in zip(tokens["sample"], tokens["token"], tokens["generated"]):
+        if not generated:
+            texts[s].append(tok)
+    return {s: "".join(parts) for s, parts in texts.items()}
+
+
+class _MatrixWriter:
+    """The reference's _activation_matrix.npz written row block by row block: a zip (deflated,
+    as np.savez_compressed writes it) whose matrix.npy member is streamed after its header."""
+
+    def __init__(self, path: Path, rows: int, columns: int):
+        self.path, self.shape, self.written = path, (rows, columns), 0
+
+    def __enter__(self) -> "_MatrixWriter":
+        self.zip = zipfile.ZipFile(self.path, "w", compression=zipfile.ZIP_DEFLATED,
+                                   allowZip64=True)
+        self.member = self.zip.open("matrix.npy", "w", force_zip64=True)
+        np.lib.format.write_array_header_1_0(self.member, {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.int32)), "fortran_order": False,
+            "shape": self.shape})
+        return self
+
+    def write(self, block: np.ndarray) -> None:
+        # a byte view, not a copy: zipfile takes any buffer and counts its len() in bytes
+        self.member.write(np.ascontiguousarray(block, dtype=np.int32).reshape(-1).view(np.uint8))
+        self.written += block.shape[0]
+
+    def finish(self, neuron_ids: np.ndarray) -> None:
+        """Close the matrix and add neuron_ids and neuron_map; the reference reads neuron_map
+        with allow_pickle and .item(): a dict neuron id -> column."""
+        assert self.written == self.shape[0], (self.written, self.shape)
+        self.member.close()
+        neuron_map = np.array({int(n): k for k, n in enumerate(neuron_ids.tolist())},
+                              dtype=object)
+        for name, value in (("neuron_ids", neuron_ids), ("neuron_map", neuron_map)):
+            with self.zip.open(f"{name}.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=True)
+
+    def __exit__(self, *exc) -> None:
+        if not self.member.closed:
+            self.member.close()
+        self.zip.close()
 
 
 def write_attributes(path: Path, neurons) -> Path:
@@ -152,25 +262,6 @@ def write_attributes(path: Path, neurons) -> Path:
         w.writerows(zip(neurons["neuron_id"].to_pylist(), neurons["layer"].to_pylist(),
                         neurons["neuron"].to_pylist()))
     return path
-
-
-def write_matrix(path: Path, matrix: np.ndarray, neuron_ids: np.ndarray) -> Path:
-    """samples x neurons that were ever active, as the reference builds it; the reference reads
-    neuron_map with allow_pickle and .item(): a dict neuron id -> column."""
-    neuron_map = np.array({int(n): k for k, n in enumerate(neuron_ids.tolist())}, dtype=object)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, matrix=matrix, neuron_ids=neuron_ids, neuron_map=neuron_map)
-    return path
-
-
-def _prompt_texts(tokens: dict) -> dict[int, str]:
-    """Input text per sample: the prompt for generated samples, the window text for a corpus."""
-    texts: dict[int, list[str]] = {}
-    for s, tok, generated in zip(tokens["sample"], tokens["token"], tokens["generated"]):
-        if not generated:
-            texts.setdefault(s, []).append(tok)
-    return {s: "".join(parts) for s, parts in texts.items()} | {
-        s: "" for s in set(tokens["sample"]) if s not in texts}
 
 
 def write_edge_list(path: Path, neurons) -> Path:

@@ -92,7 +92,8 @@ class ExtractConfig(ModelOptions, WindowOptions, RowFilter, Progress):
     store_acts: bool = opt(False, help="also store dense float16 activations")
     acts_layers: str | None = opt(None, help="layers whose dense activations are stored "
                                   "(with --store-acts; default all recorded layers)")
-    chunk_tokens: int = opt(2048, help="token rows per Zarr chunk (and the smallest commit)")
+    chunk_tokens: int = opt(2048, help="token rows per Zarr shard, one file per array (and "
+                            "the smallest commit)")
     commit_seconds: float = opt(1.0, help="commit a resumable checkpoint at most this often "
                                 "(also once 256 MiB are buffered); 0 = every --chunk-tokens rows",
                                 hash=False)
@@ -121,6 +122,9 @@ class ExtractConfig(ModelOptions, WindowOptions, RowFilter, Progress):
             raise UserError("--top-k must be >= 0 (0 = no top-k filter)")
         if self.run is not None:
             validate_run_id(self.run)
+        if self.acts_layers is not None and not self.store_acts:
+            raise UserError(f"--acts-layers {self.acts_layers!r} has no effect without "
+                            "--store-acts: add --store-acts (or drop --acts-layers)")
 
     @property
     def input_kind(self) -> str:
@@ -747,19 +751,21 @@ def extract_units(p: ExtractPlan, config: ExtractConfig, storage: Storage, manif
 
 
 def row_arrays(p: ExtractPlan) -> dict[str, dict]:
-    """Name -> (width, dtype, compression) of every row array the run writes."""
+    """Name -> (width, dtype, compression, column block) of every row array the run writes;
+    dense and mask arrays are neuron-blocked so one neuron reads without its whole layer."""
     packed = dict(dtype="uint8", compress=True)
     specs = {arrays.INCLUDED: dict(width=1, **packed)}
     for l in p.layers:
         width = arrays.packed_width(p.widths[l])
         for kind in ("active", "gate", "up") if p.gated else ("active",):
-            specs[f"{kind}/L{l}"] = dict(width=width, **packed)
+            specs[f"{kind}/L{l}"] = dict(width=width, block=arrays.MASK_BLOCK, **packed)
         if l in p.top_k:
             specs[f"experts/L{l}"] = dict(width=p.top_k[l], dtype="int16", compress=True)
             specs[f"expert_weights/L{l}"] = dict(width=p.top_k[l], dtype="float16",
                                                  compress=True)
     for l in p.dense_layers:
-        specs[f"acts/L{l}"] = dict(width=p.widths[l], dtype="float16", compress=False)
+        specs[f"acts/L{l}"] = dict(width=p.widths[l], dtype="float16", compress=False,
+                                   block=arrays.ACTS_BLOCK)
     return specs
 
 

@@ -22,8 +22,9 @@ input of block L) and `blocks.L.hook_resid_post` (its output).
 
 Outputs under storage/reports/<name>/: layer_<L>_<mode>.npy, consolidated_results.npz,
 metadata.json (configuration, dimensions, per-layer statistics, timings), timing.json; the
-`neuron_gradients` table; runs/<name>/stages/gradients.json marks them finished. Figures:
-pipeline.report.gradients.
+`neuron_gradients` table, partitioned by the result name (not an extraction run), its rows
+carrying that `name` and the `model` and `revision` they came from (to join `runs` on);
+runs/<name>/stages/gradients.json marks them finished. Figures: pipeline.report.gradients.
 """
 
 from __future__ import annotations
@@ -229,7 +230,8 @@ def run(config: GradientConfig, storage: Storage) -> GradientResult:
     timings = {"load_and_prepare_s": t0 - t_start, "gradients_s": time.perf_counter() - t0}
     results = {l: aggregate(s, positions, config.normalize_gradients) for l, s in sums.items()}
     kind = "sae_feature" if sae else KINDS[config.site]
-    frame = gradient_frame(results, kind, loaded.layer_offsets)
+    frame = gradient_frame(results, kind, loaded.layer_offsets, name=config.output_name,
+                           model=config.model, revision=loaded.revision)
     _save(config, storage, loaded, sae, results, frame, positions, timings)
     marker.write(to_dict(config), key, positions=positions, timings=timings)
     return GradientResult(config.output_name, kind, results, frame, config.modes, reused=False)
@@ -312,15 +314,20 @@ def aggregate(sums: np.ndarray, positions: int, normalize: bool) -> dict[str, np
     return {"mean": mean, "mean_abs": mean_abs}
 
 
-def gradient_frame(results: dict[int, dict], kind: str, offsets: list[int]) -> pl.DataFrame:
-    """The neuron_gradients rows of every layer; only neurons have a global neuron_id."""
+def gradient_frame(results: dict[int, dict], kind: str, offsets: list[int], *, name: str,
+                   model: str, revision: str | None) -> pl.DataFrame:
+    """The neuron_gradients rows of every layer; only neurons have a global neuron_id. The rows
+    carry the result name and the model and revision they came from (a join key to `runs`)."""
     frames = []
     for l, r in results.items():
         dim = len(r["mean"])
-        index = np.arange(dim, dtype=np.int64)
+        unit = np.arange(dim, dtype=np.int64)
         frames.append(pl.DataFrame({
-            "kind": [kind] * dim, "layer": np.full(dim, l, np.int32), "index": index,
-            "neuron_id": offsets[l] + index if kind == "neuron" else np.full(dim, -1),
+            "name": [name] * dim, "model": [model] * dim,
+            "revision": pl.Series([revision] * dim, dtype=pl.Utf8),
+            "kind": [kind] * dim, "layer": np.full(dim, l, np.int32),
+            "neuron": unit.astype(np.int32),
+            "neuron_id": offsets[l] + unit if kind == "neuron" else np.full(dim, -1),
             "grad_mean": r["mean"], "grad_mean_abs": r["mean_abs"]}))
     return pl.concat(frames)
 
@@ -328,7 +335,7 @@ def gradient_frame(results: dict[int, dict], kind: str, offsets: list[int]) -> p
 def stored_result(storage: Storage, config: GradientConfig) -> GradientResult:
     """A finished result, read back from its neuron_gradients partition."""
     frame = pl.from_arrow(tables.read_partition(storage, "neuron_gradients",
-                                                config.output_name)).sort("layer", "index")
+                                                config.output_name)).sort("layer", "neuron")
     layers = {l: {"mean": part["grad_mean"].to_numpy(), "mean_abs": part["grad_mean_abs"].to_numpy()}
               for (l,), part in frame.group_by("layer", maintain_order=True)}
     return GradientResult(config.output_name, frame["kind"][0], layers, frame, config.modes,
@@ -381,7 +388,7 @@ def show(result: GradientResult) -> str:
              f"{np.argsort(-r['mean_abs'])[:5].tolist()}" for l, r in result.layers.items()]
     if result.reused:
         lines.append("finished earlier with this config (--overwrite recomputes it)")
-    lines.append(f"results: neuron_gradients partition {result.name!r}")
+    lines.append(f"results: neuron_gradients rows with name = {result.name!r}")
     return "\n".join(lines)
 
 
@@ -392,5 +399,5 @@ STAGES = [Stage(
     "  nwh gradients --model zoo-s0 --layers 0-3 --aggregation-mode both\n"
     "  nwh gradients --model zoo-s0 --site resid_post --loss mean\n"
     "  nwh gradients --model zoo-s0 --sae ./sae-l2 --normalize-gradients\n"
-    "  nwh sql \"select layer, index, grad_mean_abs from neuron_gradients order by 3 desc limit 10\"\n",
+    "  nwh sql \"select layer, neuron, grad_mean_abs from neuron_gradients order by 3 desc limit 10\"\n",
     GradientConfig, run, show, figures="pipeline.report.gradients:draw")]

@@ -70,6 +70,7 @@ class GraphResult:
     analysis: pl.DataFrame  # the threshold_analysis rows of this weight
     edges_path: Path
     skipped: bool = False   # already built with this configuration
+    analysis_path: Path | None = None  # the threshold_analysis part of this weight
 
 
 def run(config: GraphConfig, storage: Storage) -> GraphResult:
@@ -103,7 +104,9 @@ def run(config: GraphConfig, storage: Storage) -> GraphResult:
     log.info("graph %s (%s > %g): %d nodes, %d edges in %.2f s", config.run, config.weight,
              config.threshold, g.n_nodes, at["edges"], seconds)
     return GraphResult(config.run, config.weight, config.threshold, g.n_nodes, at["edges"],
-                       at["components"], seconds, frame, edges_path)
+                       at["components"], seconds, frame, edges_path,
+                       analysis_path=tables.part_path(storage, "threshold_analysis", config.run,
+                                                      config.weight))
 
 
 def _stream_edges(path: Path, g: coact.RunGraph, storage: Storage, config: GraphConfig,
@@ -156,7 +159,9 @@ def _stored(config: GraphConfig, storage: Storage, marker: Marker, digest: str) 
     log.info("graph %s (%s > %g) is already built: skipped (--overwrite rebuilds)",
              config.run, config.weight, config.threshold)
     return GraphResult(config.run, config.weight, config.threshold, done["nodes"], done["edges"],
-                       done["components"], done["seconds"], frame, edges_path, skipped=True)
+                       done["components"], done["seconds"], frame, edges_path, skipped=True,
+                       analysis_path=tables.part_path(storage, "threshold_analysis", config.run,
+                                                      config.weight))
 
 
 def show(result: GraphResult) -> str:
@@ -164,9 +169,12 @@ def show(result: GraphResult) -> str:
         text = str(result.analysis)
     note = " (already built with this configuration: skipped; --overwrite rebuilds)" \
         if result.skipped else ""
-    return (f"{text}\ngraph: {result.nodes} nodes, {result.edges} edges with {result.weight} > "
-            f"{result.threshold:g}, {result.components} components ({result.seconds:.2f} s) -> "
-            f"{result.edges_path}{note}")
+    lines = [text, f"graph: {result.nodes} nodes, {result.edges} edges with {result.weight} > "
+             f"{result.threshold:g}, {result.components} components ({result.seconds:.2f} s)"
+             f"{note}", f"edges: {result.edges_path}"]
+    if result.analysis_path is not None:
+        lines.append(f"threshold analysis: {result.analysis_path}")
+    return "\n".join(lines)
 
 
 STAGES = [Stage(

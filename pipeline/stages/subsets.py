@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -101,6 +102,8 @@ class SubsetResult:
     run: str
     subsets: pl.DataFrame                           # one row per chosen neuron (the table's rows)
     skipped: list[str] = field(default_factory=list)  # subsets already selected
+    table: Path | None = None                       # the run's partition of the subsets table
+    files: dict[str, Path] = field(default_factory=dict)  # subset name -> its .npy of neuron ids
 
 
 def run(config: SubsetConfig, storage: Storage) -> SubsetResult:
@@ -138,7 +141,9 @@ def _select(storage: Storage, run: str, cells: list[SubsetConfig],
             todo.setdefault(cell.threshold, []).append((cell, digest))
     for threshold, group in todo.items():
         frames.update(_select_threshold(storage, g, threshold, group))
-    return SubsetResult(run, pl.concat([frames[c.subset] for c in cells]), skipped)
+    return SubsetResult(run, pl.concat([frames[c.subset] for c in cells]), skipped,
+                        table=storage.table_partition("subsets", run),
+                        files={c.subset: coact.subset_path(storage, run, c.subset) for c in cells})
 
 
 def _select_threshold(storage: Storage, g: coact.RunGraph, threshold: float,
@@ -197,6 +202,13 @@ def show(result: SubsetResult) -> str:
     if result.skipped:
         text += (f"\nalready selected from the same counts, skipped (--overwrite selects again): "
                  f"{', '.join(result.skipped)}")
+    if result.table is not None:
+        text += f"\nsubsets table: {result.table}"
+    folders = {p.parent for p in result.files.values()}
+    if len(folders) == 1:  # one folder for a run: named once, then the files in it
+        text += f"\nneuron ids: {folders.pop()}/ ({', '.join(p.name for p in result.files.values())})"
+    else:
+        text += "".join(f"\nneuron ids: {p}" for p in result.files.values())
     return text
 
 

@@ -237,20 +237,23 @@ def run(config: UniversalConfig, storage: Storage) -> UniversalResult:
         cache_bytes = source.nbytes
         shutil.rmtree(tmp / "cache", ignore_errors=True)  # the cache is spent
     neurons = universal_neurons(summary, config.threshold, config.rule, config.min_models)
+    # the result carries its name and the reference model beside the partition, as gradients do
+    origin = [pl.lit(name).alias("name"), pl.lit(config.models[0]).alias("model"),
+              pl.lit(config.revision, dtype=pl.String).alias("revision")]
+    summary = summary.with_columns(origin).select(tables.schema("correlation_summary").names)
+    neurons = neurons.with_columns(origin).select(tables.schema("universal_neurons").names)
     properties = models.weights.join(
         activation_properties(source.moments, models.info[0]["offsets"]),
         on="neuron_id").sort("neuron_id")
-    tables.write_part(storage, "correlation_summary", name,
-                      summary.select(tables.schema("correlation_summary").names).to_arrow())
-    tables.write_part(storage, "universal_neurons", name,
-                      neurons.select(tables.schema("universal_neurons").names).to_arrow())
+    tables.write_part(storage, "correlation_summary", name, summary.to_arrow())
+    tables.write_part(storage, "universal_neurons", name, neurons.to_arrow())
     tables.write_part(storage, "neuron_properties", name,
                       properties.select(tables.schema("neuron_properties").names).to_arrow())
     info = {"tokens": batches.rows, "passes": passes, "cache_bytes": cache_bytes,
             "rule": config.rule, "threshold": config.threshold}
     result = _result(name, summary, neurons, properties, reused=False, info=info)
-    tables.write_part(storage, "universal_properties", name, result.comparison.select(
-        tables.schema("universal_properties").names).to_arrow())
+    tables.write_part(storage, "universal_properties", name, result.comparison.with_columns(
+        origin).select(tables.schema("universal_properties").names).to_arrow())
     marker.write(to_dict(config), key, neurons=neurons.height,
                  universal=int(neurons["universal"].sum()), **info)
     return result

@@ -9,6 +9,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+import matplotlib
 import matplotlib.image as mpimg
 import numpy as np
 import polars as pl
@@ -27,6 +28,7 @@ from pipeline.report.plots import (
     dormancy_figures,
     plot_histogram,
     plot_sample_activations,
+    read_dormancy_log,
     run,
 )
 
@@ -67,7 +69,7 @@ LOG = [(f"step{step}", step, layer, float(layer * step % 37) + 0.1 * layer)
 
 
 def log_frame(rows=LOG):
-    return pl.DataFrame([{"model": "m", "revision": r, "step": s, "layer_index": l,
+    return pl.DataFrame([{"model": "m", "revision": r, "step": s, "layer": l,
                           "pct_dormant": p, "num_neurons": 10} for r, s, l, p in rows])
 
 
@@ -82,7 +84,7 @@ def test_dormancy_over_steps_plots_mean_min_max(tmp_path, drawn):
     paths = dormancy_figures(log_frame(), tmp_path, "p_")
     assert [p.name for p in paths] == ["p_dormancy_over_steps.png", "p_dormancy_heatmap.png",
                                        "p_dormancy_layer_evolution.png"]
-    check_png(paths[0], (8, 4.5))
+    check_png(paths[0], plots.WIDE)
     ax = drawn["p_dormancy_over_steps.png"].axes[0]
     steps = by_step(LOG)
     (line,) = ax.lines
@@ -149,6 +151,11 @@ def test_log_read_back_from_csv(tmp_path, drawn):
     run(PlotsConfig(dormancy_log=str(log), name="d", save_prefix="z_"), Storage(tmp_path / "s"))
     image = drawn["z_dormancy_heatmap.png"].axes[0].images[0].get_array()
     assert np.asarray(image)[3, 2] == pytest.approx(3 * 100 % 37 + 0.3)  # layer 3, step 100
+    # read back with the dormancy table's names, so its rows and a log's draw alike
+    frame = read_dormancy_log(log)
+    assert {"layer", "site"} <= set(frame.columns) and "layer_index" not in frame.columns
+    assert frame["layer"].to_list() == [layer for _, _, layer, _ in LOG]
+    assert frame["site"].to_list() == [f"h.{layer}" for _, _, layer, _ in LOG]
 
 
 # -- activation maps and histograms
@@ -169,7 +176,8 @@ def test_sample_maps(tmp_path, drawn, mode, rows):
     path = plot_sample_activations(layers, tmp_path / "s.png", mode=mode, figure_rows=rows,
                                    text="def f(x): return x")
     cols = -(-5 // rows)
-    check_png(path, (2.2 * cols + 0.5, 2.2 * rows + 1.2), alpha=mode != "default")
+    check_png(path, (2.2 * cols + 0.5, plots.MAP_ROW_INCHES * rows + 1.2),
+              alpha=mode != "default")
     axes = [ax for ax in drawn["s.png"].axes if ax.images]
     assert len(axes) == 5
     for k, (ax, values) in enumerate(zip(axes, layers)):
@@ -182,9 +190,72 @@ def test_sample_maps(tmp_path, drawn, mode, rows):
         plot_sample_activations(layers, tmp_path / "x.png", mode="noir")
 
 
+def test_many_layers_wrap_into_rows_by_default(tmp_path, drawn):
+    """30 layers: 8 panels a row (4 rows), not one 30-panel strip; --figure-rows still rules."""
+    layers = [np.random.default_rng(l).random(16) for l in range(30)]
+    path = plot_sample_activations(layers, tmp_path / "w.png", title="run r")
+    check_png(path, (2.2 * 8 + 0.5, plots.MAP_ROW_INCHES * 4 + 1.2))
+    fig = drawn["w.png"]
+    assert len([ax for ax in fig.axes if ax.images]) == 30
+    assert fig.axes[8].get_position().y0 < fig.axes[0].get_position().y0  # a second row
+    plot_sample_activations(layers, tmp_path / "one.png", figure_rows=1)
+    assert check_png(tmp_path / "one.png").shape[1] == round((2.2 * 30 + 0.5) * DPI)
+
+
+def test_default_map_has_a_legend_of_its_colours(tmp_path, drawn):
+    layers = [np.arange(6.0), np.zeros(6)]
+    plot_sample_activations(layers, tmp_path / "v.png", values=True)
+    (legend,) = drawn["v.png"].legends
+    assert [t.get_text() for t in legend.get_texts()] == ["0 / inactive",
+                                                          "largest activation of the layer"]
+    colors = [matplotlib.colors.to_hex(h.get_facecolor()) for h in legend.legend_handles]
+    assert colors == list(plots.ACTIVE_COLORS)
+    plot_sample_activations(layers, tmp_path / "b.png", values=False)
+    assert [t.get_text() for t in drawn["b.png"].legends[0].get_texts()] == ["inactive", "active"]
+    plot_sample_activations(layers, tmp_path / "c.png", mode="cinematic", label="run r: row 3")
+    assert not drawn["c.png"].legends and "run r: row 3" in [t.get_text() for t in
+                                                              drawn["c.png"].texts]
+
+
+def test_universal_layers_without_universal_neurons_says_so(tmp_path, monkeypatch):
+    from pipeline.report import universal as uni
+
+    figures = {}
+    save = uni.save_png
+    monkeypatch.setattr(uni, "save_png", lambda fig, path, **k: figures.setdefault(
+        Path(path).name, fig) and save(fig, path, **k))
+    rng = np.random.default_rng(0)
+    neurons = pl.DataFrame({"layer": np.repeat([0, 1, 2], 20).astype(np.int32),
+                            "neuron": np.tile(np.arange(20), 3).astype(np.int32),
+                            "excess": rng.uniform(0, 0.15, 60), "universal": [False] * 60})
+    neurons = neurons.with_columns(pl.when((pl.col("layer") == 1) & (pl.col("neuron") == 4))
+                                   .then(0.18).otherwise(pl.col("excess")).alias("excess"))
+    check_png(uni.plot_layers(neurons, tmp_path / "u.png", threshold=0.5, name="uni"))
+    ax = figures["u.png"].axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert "no universal neuron at 0.5; the largest excess is 0.18 (layer 1, neuron 4)" in texts
+    assert texts.count("0") == 3  # no universal neuron in any layer
+    boxes = [line for line in ax.lines if len(line.get_ydata()) == 2 and
+             line.get_ydata()[0] != line.get_ydata()[1]]
+    assert boxes and "uni" in ax.get_title()
+    flagged = neurons.with_columns((pl.col("excess") > 0.1).alias("universal"))
+    uni.plot_layers(flagged, tmp_path / "f.png", threshold=0.1)
+    per_layer = flagged.group_by("layer").agg(pl.col("universal").sum()).sort("layer")
+    texts = [t.get_text() for t in figures["f.png"].axes[0].texts]
+    assert texts == [str(n) for n in per_layer["universal"].to_list()]
+
+
+def test_dormancy_heatmap_prints_its_values(tmp_path, drawn):
+    dormancy_figures(log_frame(), tmp_path)
+    ax = drawn["dormancy_heatmap.png"].axes[0]
+    assert sorted(float(t.get_text()) for t in ax.texts) == \
+        pytest.approx(sorted(round(p, 1) for *_, p in LOG), abs=0.051)
+    assert "m" in ax.get_title()  # the model is named
+
+
 def test_histogram_counts(tmp_path, drawn):
     values = np.random.default_rng(0).exponential(size=5_000)
-    check_png(plot_histogram(values, tmp_path / "h.png", title="t", xlabel="x"), (7, 4.2))
+    check_png(plot_histogram(values, tmp_path / "h.png", title="t", xlabel="x"), plots.WIDE)
     heights = [p.get_height() for p in drawn["h.png"].axes[0].patches]
     assert heights == np.histogram(values, bins=50)[0].tolist()
 
@@ -237,7 +308,7 @@ def test_run_maps_plot_the_row(runs, drawn, run_id, dense):
             np.testing.assert_allclose(np.ma.filled(image, np.nan), grid(maps[l][row]))
         text = "".join(t for s, p, t in zip(tokens["sample"], tokens["position"], tokens["token"])
                        if s == tokens["sample"][row] and p <= tokens["position"][row])
-        assert [t.get_text() for t in fig.texts] == [text[-150:]]
+        assert [t.get_text() for t in fig.texts] == [text[-150:], f"{run_id}: row {row}"]
     counts = np.concatenate([m > 0 for m in expected_maps(runs, run_id, False)], axis=1).sum(0)
     heights = [p.get_height() for p in drawn["node_activation_counts.png"].axes[0].patches]
     assert heights == np.histogram(counts, bins=50)[0].tolist()

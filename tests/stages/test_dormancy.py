@@ -78,12 +78,12 @@ def test_tau_dormancy_equals_the_formula_on_hooked_activations(fresh, tmp_path, 
         sql = flags.filter(pl.col("layer") == layer).sort("neuron")
         np.testing.assert_allclose(sql["score"].to_numpy(), score, rtol=1e-6)
         assert np.array_equal(sql["dormant"].to_numpy(), dormant)
-        row = result.rows.filter(pl.col("layer_index") == layer).row(0, named=True)
+        row = result.rows.filter(pl.col("layer") == layer).row(0, named=True)
         assert row["num_dormant"] == int(dormant.sum()) and row["num_neurons"] == 40
         assert row["pct_dormant"] == pytest.approx(100 * dormant.mean())
         assert row["avg_activation"] == pytest.approx(a.mean(), rel=1e-6)
         assert row["max_activation"] == pytest.approx(a.max(), rel=1e-6)
-        assert row["layer_name"] == f"transformer.h.{layer}.mlp.c_proj"
+        assert row["site"] == f"transformer.h.{layer}.mlp.c_proj"
     assert 0 < result.rows["num_dormant"].sum() < 120  # the thresholds split the neurons
 
 
@@ -179,6 +179,8 @@ def test_log_header_append_and_write(tmp_path):
     lines = log.read_text().splitlines()
     assert lines[0] == ",".join(LOG_COLUMNS) and len(lines) == 3
     assert lines[1].split(",")[1:5] == ["syn", "step7", "7", "0.1"]
+    # the reference header's layer_name, layer_index hold the table's site and layer
+    assert lines[1].split(",")[5:8] == ["h.0.mlp.c_proj", "0", "3"]
     assert lines[1].split(",")[9] == "33.3333"  # pct with 4 decimals
     dormancy(DormancyConfig(run="syn", log_file=str(log), log_mode="write"), storage)
     assert len(log.read_text().splitlines()) == 2
@@ -232,6 +234,18 @@ def test_sweep_over_local_revisions(tmp_path, corpus_file):
         assert manifest["config"]["dtype"] == "float32" and manifest["resolved"]["dtype"] == "float32"
     again = flows.run_sweep(config, storage)  # every stage skips its finished work
     assert again.rows.equals(result.rows)
+
+
+def test_sweep_refuses_an_unknown_revision_before_any_extraction(tmp_path, corpus_file):
+    root = tmp_path / "model"
+    for seed, rev in ((0, "step0"), (1, "step5")):
+        save_random_gpt2(root / rev, seed=seed, n_layer=2, d_mlp=24)
+    storage = Storage(tmp_path / "s")
+    config = flows.SweepConfig(model=str(root), corpus=str(corpus_file), num_samples=4,
+                               max_length=16, revisions="step0 step9", quiet=True)
+    with pytest.raises(UserError, match="step9"):
+        flows.run_sweep(config, storage)
+    assert storage.list_runs() == []  # step0 was not extracted first
 
 
 def test_sweep_config_validates():

@@ -5,7 +5,6 @@ tests/models/test_moe.py, and co-activation of expert neurons against NumPy."""
 from __future__ import annotations
 
 import re
-
 import sys
 from pathlib import Path
 

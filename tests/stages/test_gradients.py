@@ -349,6 +349,9 @@ def test_site_gradient_equals_autograd(tmp_path, family_dirs, corpus_file, kind,
     assert len(frame["kind"]) == 2 * width
     assert frame["neuron_id"] == ([l * 48 + i for l in (0, 1) for i in range(48)]
                                   if site == "neurons" else [-1] * (2 * width))
+    assert frame["layer"] == [l for l in (0, 1) for _ in range(width)]
+    assert frame["neuron"] == [i for _ in (0, 1) for i in range(width)]
+    assert set(frame["name"]) == {res.name} and set(frame["model"]) == {str(model_dir)}
     assert f"gradients_{site}_" in res.name
     assert load_gradient_results(storage.reports(res.name))["metadata"]["site"] == site
 
@@ -457,3 +460,33 @@ def test_bad_site_and_loss(tmp_path):
 
     with pytest.raises(UserError, match=r"W_dec \(4, 9\)"):
         load_sae(tmp_path / "s", "cpu", torch.float32)
+
+
+def test_rows_carry_their_name_and_join_a_run_of_the_model(tmp_path, corpus_file):
+    """neuron_gradients is partitioned by the result name; model and revision join it to an
+    extraction run of the same checkpoint, neuron_id to that run's neurons."""
+    from pipeline.core.warehouse import query_frame
+    from pipeline.models.micro import save_random_gpt2
+    from pipeline.stages.extract import ExtractConfig
+    from pipeline.stages.extract import run as extract
+
+    root = tmp_path / "model"
+    save_random_gpt2(root / "step5", n_layer=2, d_mlp=24)
+    storage = Storage(tmp_path / "wh")
+    extract(ExtractConfig(model=str(root), revision="step5", corpus=str(corpus_file),
+                          num_samples=2, max_length=12, device="cpu", run="r", quiet=True),
+            storage)
+    res = run(config(root, corpus_file, revision="step5", name="g"), storage)
+    joined = query_frame(storage, """
+        select g.name, g.run_id, r.run_id as run, g.layer, g.neuron, g.neuron_id,
+               n.layer as run_layer, n.neuron as run_neuron
+        from neuron_gradients g
+        join runs r on r.model = g.model and r.revision = g.revision
+        join neurons n on n.run_id = r.run_id and n.neuron_id = g.neuron_id
+        order by g.neuron_id""")
+    assert joined.height == 2 * 24 and res.name == "g"
+    assert set(joined["name"]) == {"g"} and set(joined["run_id"]) == {"g"}
+    assert set(joined["run"]) == {"r"}
+    assert joined["neuron_id"].to_list() == list(range(48))
+    assert joined["layer"].to_list() == [i // 24 for i in range(48)] == joined["run_layer"].to_list()
+    assert joined["neuron"].to_list() == [i % 24 for i in range(48)] == joined["run_neuron"].to_list()
