@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pipeline.core.errors import UserError
 
 
@@ -32,3 +34,15 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
             f"(0-{n_layers - 1})"
         )
     return sorted(out)
+
+
+def check_neuron(widths: Mapping[int, int], layer: int, neuron: int, owner: str,
+                 flag: str = "neuron ") -> None:
+    """One-line refusal of a (layer, neuron) that `owner` (e.g. "run 'x'") does not record;
+    `widths` maps each recorded layer to its width. `flag` prefixes the neuron in the message (an option)."""
+    if layer not in widths:
+        raise UserError(f"{flag}{layer}/{neuron} is out of range: {owner} has no layer {layer} "
+                        f"(layers: {', '.join(map(str, sorted(widths)))}): pick one of those")
+    if not 0 <= neuron < widths[layer]:
+        raise UserError(f"{flag}{layer}/{neuron} is out of range: layer {layer} of {owner} has "
+                        f"neurons 0..{widths[layer] - 1}")

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from pipeline.core import arrays, coact, tables
 from pipeline.core.config import Progress, Stage, at_least, config_hash, opt, to_dict
 from pipeline.core.errors import UserError
-from pipeline.core.layers import parse_layers
+from pipeline.core.layers import check_neuron, parse_layers
 from pipeline.core.storage import Storage, slug, validate_run_id
 
 log = logging.getLogger(__name__)
@@ -192,12 +192,7 @@ def build_target(config: ProbeConfig, storage: Storage, manifest: dict, tokens: 
         return Target(tokens["position"].astype(np.float64), included.copy(), True, None, None)
     layer, n = config.neuron
     widths = coact.layer_widths(manifest)
-    if layer not in widths:
-        raise UserError(f"--target neuron:{layer}/{n}: run {config.run!r} has no layer {layer} "
-                        f"(layers: {', '.join(map(str, widths))})")
-    if not 0 <= n < widths[layer]:
-        raise UserError(f"--target neuron:{layer}/{n} is out of range: layer {layer} has "
-                        f"neurons 0..{widths[layer] - 1}")
+    check_neuron(widths, layer, n, f"run {config.run!r}", flag="--target neuron:")
     group = arrays.open_group(storage.arrays(config.run), mode="r")
     values = np.zeros(rows, np.float64)
     dense = f"acts/L{layer}" in group

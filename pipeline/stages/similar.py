@@ -41,6 +41,7 @@ import pyarrow as pa
 from pipeline.core import arrays, coact, tables, warehouse
 from pipeline.core.config import Stage, at_least, opt
 from pipeline.core.errors import UserError
+from pipeline.core.layers import check_neuron
 from pipeline.core.storage import Storage, read_json, validate_run_id
 
 log = logging.getLogger(__name__)
@@ -231,15 +232,6 @@ def check_coactivation(storage: Storage, run: str, layer: int, neuron: int) -> d
                         f"{', '.join(f'{a}:{b}' for a, b in pairs)}): run `nwh coactivation "
                         f"--run {run} --pairs {hint}`")
     return manifest
-
-
-def check_neuron(widths: dict[int, int], layer: int, neuron: int, owner: str) -> None:
-    if layer not in widths:
-        raise UserError(f"neuron {layer}/{neuron}: {owner} has no layer {layer} (layers: "
-                        f"{', '.join(map(str, widths))}): pick one of those")
-    if not 0 <= neuron < widths[layer]:
-        raise UserError(f"neuron {layer}/{neuron} is out of range: layer {layer} of {owner} has "
-                        f"neurons 0..{widths[layer] - 1}")
 
 
 def universal_widths(storage: Storage, universal: str) -> dict[int, int]:

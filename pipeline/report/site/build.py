@@ -26,6 +26,7 @@ import polars as pl
 
 from pipeline.core import arrays, tables
 from pipeline.core.errors import UserError
+from pipeline.core.layers import check_neuron
 from pipeline.core.storage import Storage, read_json, write_json
 from pipeline.report.site import data as D
 from pipeline.report.site import pages as P
@@ -82,19 +83,13 @@ def parse_graph(spec: str) -> tuple[str, int | None]:
                         "demo-corpus:120") from None
 
 
-def check_neuron(infos: dict[str, D.RunInfo], storage: Storage, spec: str) -> NeuronKey:
+def neuron_key(infos: dict[str, D.RunInfo], storage: Storage, spec: str) -> NeuronKey:
     run, layer, neuron = parse_neuron(spec)
     if run not in infos:
         known = ", ".join(infos) or "none"
         raise UserError(f"--neuron {spec!r}: run {run!r} is not a finished extraction in "
                         f"{storage.root} (runs: {known})")
-    widths = infos[run].widths
-    if layer not in widths:
-        raise UserError(f"--neuron {spec!r} is out of range: run {run!r} records layers "
-                        f"{sorted(widths)}")
-    if not 0 <= neuron < widths[layer]:
-        raise UserError(f"--neuron {spec!r} is out of range: layer {layer} of run {run!r} has "
-                        f"neurons 0-{widths[layer] - 1}")
+    check_neuron(infos[run].widths, layer, neuron, f"run {run!r}", flag="--neuron ")
     return NeuronKey(run, layer, neuron)
 
 
@@ -136,7 +131,7 @@ def make_plan(config, storage: Storage, wh: D.Warehouse, out: Path) -> Plan:
             raise UserError(f"--runs: {run!r} is not a finished extraction in {storage.root} "
                             f"(runs: {', '.join(infos)})")
     page_runs = list(config.runs) or list(infos)
-    asked = [check_neuron(infos, storage, s) for s in config.neuron]
+    asked = [neuron_key(infos, storage, s) for s in config.neuron]
     kept = [] if config.fresh else _kept_neurons(out, infos, storage)
     extras = list(dict.fromkeys(kept + asked))
     for key in extras:
@@ -231,7 +226,7 @@ def _kept_neurons(out: Path, infos, storage) -> list[NeuronKey]:
     kept = []
     for spec in read_json(path).get("neurons", []):
         try:
-            kept.append(check_neuron(infos, storage, spec))
+            kept.append(neuron_key(infos, storage, spec))
         except UserError:
             log.info("the page of %s is dropped: the warehouse no longer has it", spec)
     return kept
