@@ -62,6 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["choices"] = f.metadata["choices"]
         if "metavar" in f.metadata:
             kwargs["metavar"] = f.metadata["metavar"]
+        if "const" in f.metadata:  # an option whose value may be left out: --ray [ADDRESS]
+            kwargs.update(nargs="?", const=f.metadata["const"])
         if typing.get_origin(tp) in (list, tuple):
             inner = typing.get_args(tp)[0]
             kwargs.update(nargs="+", type=inner)
@@ -112,7 +114,8 @@ def config_hash(config: Any, **extra: Any) -> str:
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:  # noqa: A002
-    """A config field with CLI help; meta: choices, flag, metavar, positional, cli=False, hash=False."""
+    """A config field with CLI help; meta: choices, flag, metavar, positional, cli=False, hash=False,
+    const (the value of the option given without one)."""
     meta["help"] = help
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
