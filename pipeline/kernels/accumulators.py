@@ -343,12 +343,29 @@ class SignStats:
             cand_value = np.concatenate([self.top_value[c], values.cpu().numpy()])
             cand_row = np.concatenate([self.top_row[c], row_ids[where].cpu().numpy()])
             cand_row[cand_abs < 0] = -1
-            # the largest |a|; ties go to the earlier row, so the result does not depend on blocks
-            order = np.lexsort((np.where(cand_row < 0, np.iinfo(np.int64).max, cand_row),
-                                -cand_abs.astype(np.float64)), axis=0)[:self.examples]
-            self.top_abs[c] = np.take_along_axis(cand_abs, order, 0)
-            self.top_value[c] = np.take_along_axis(cand_value, order, 0)
-            self.top_row[c] = np.take_along_axis(cand_row, order, 0)
+            self._keep_best(c, cand_abs, cand_value, cand_row)
+
+    def _keep_best(self, c: int, cand_abs, cand_value, cand_row) -> None:
+        """Keep the `examples` candidates of largest |a| of combination c; ties go to the
+        earlier row, so the result depends neither on blocks nor on shards."""
+        order = np.lexsort((np.where(cand_row < 0, np.iinfo(np.int64).max, cand_row),
+                            -cand_abs.astype(np.float64)), axis=0)[:self.examples]
+        self.top_abs[c] = np.take_along_axis(cand_abs, order, 0)
+        self.top_value[c] = np.take_along_axis(cand_value, order, 0)
+        self.top_row[c] = np.take_along_axis(cand_row, order, 0)
+
+    def merge(self, other: SignStats) -> SignStats:
+        """The statistics of both inputs (disjoint rows: shards of one run)."""
+        if other.width != self.width or other.examples != self.examples:
+            raise ValueError("cannot merge sign statistics of different layers or example counts")
+        out = SignStats(self.width, self.examples, count=self.count + other.count,
+                        sum_abs=self.sum_abs + other.sum_abs, top_abs=self.top_abs.copy(),
+                        top_value=self.top_value.copy(), top_row=self.top_row.copy())
+        for c in range(len(COMBINATIONS)):
+            out._keep_best(c, np.concatenate([self.top_abs[c], other.top_abs[c]]),
+                           np.concatenate([self.top_value[c], other.top_value[c]]),
+                           np.concatenate([self.top_row[c], other.top_row[c]]))
+        return out
 
     def tables(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(sign_stats, sign_examples) columns of this layer, without neuron ids: sign_stats

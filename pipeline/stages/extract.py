@@ -31,6 +31,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +40,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from pipeline.core import arrays, tables
+from pipeline.core.cluster import LOCAL, Shard, split_units, split_weighted
 from pipeline.core.config import (
     ModelOptions,
     Progress,
@@ -103,6 +105,13 @@ class ExtractConfig(ModelOptions, WindowOptions, RowFilter, Progress):
                           "another configuration) instead of resuming or skipping it", hash=False)
     dry_run: bool = opt(False, help="print the plan (sizes, disk needed, resume point) and exit "
                         "without writing anything", hash=False)
+    shard: str | None = opt(None, metavar="I/N", help="extract only shard I of N (0-based): a "
+                            "deterministic split of the input, resumable on its own; the shard "
+                            "that finishes last finishes the run", hash=False)
+    ray: str | None = opt(None, const=LOCAL, metavar="ADDRESS", help="run --shards N shards as "
+                          "Ray tasks (one GPU each where the cluster has GPUs): alone, on a "
+                          "local cluster; or join one (auto, ray://host:10001)", hash=False)
+    shards: int | None = opt(None, help="number of shards of --ray", hash=False)
 
     def __post_init__(self) -> None:
         if self.corpus and self.prompts:
@@ -122,9 +131,29 @@ class ExtractConfig(ModelOptions, WindowOptions, RowFilter, Progress):
             raise UserError("--top-k must be >= 0 (0 = no top-k filter)")
         if self.run is not None:
             validate_run_id(self.run)
+        if self.shard is not None:
+            if self.ray is not None:
+                raise UserError("give --shard I/N (one shard) or --ray --shards N (all of them), "
+                                "not both")
+            if self.overwrite:
+                raise UserError("--overwrite with --shard would delete the other shards' work: "
+                                "start the run again with --ray --shards N --overwrite, or "
+                                "--overwrite without --shard")
+            self.shard_spec  # noqa: B018 (parsed here: a bad value fails before the model loads)
+        if self.ray is not None and not self.shards:
+            raise UserError("--ray needs --shards N: the number of shards (one per GPU, say)")
+        if self.shards is not None and self.ray is None:
+            raise UserError(f"--shards {self.shards} needs --ray, or run each shard with "
+                            f"--shard I/{self.shards}")
+        if self.shards is not None:
+            at_least(self, 1, "shards")
         if self.acts_layers is not None and not self.store_acts:
             raise UserError(f"--acts-layers {self.acts_layers!r} has no effect without "
                             "--store-acts: add --store-acts (or drop --acts-layers)")
+
+    @property
+    def shard_spec(self) -> Shard | None:
+        return Shard.parse(self.shard) if self.shard is not None else None
 
     @property
     def input_kind(self) -> str:
@@ -213,6 +242,7 @@ class ExtractPlan:
     units: Iterator[Unit] | None = field(default=None, repr=False)
     prompts: list | None = field(default=None, repr=False)
     encoded: list[list[int]] | None = field(default=None, repr=False)
+    span: ShardSpan | None = None  # the shard this process extracts (--shard)
 
     @property
     def widths(self) -> dict[int, int]:
@@ -245,7 +275,8 @@ class ExtractPlan:
     @property
     def disk_needed(self) -> int:
         """Bytes still to write (uncompressed: masks compress ~1.5x, fp16 ~1.1x)."""
-        return max(0, self.total_rows - self.committed_rows) * self.bytes_per_token
+        stop = self.span.rows[1] if self.span else self.total_rows
+        return max(0, stop - self.committed_rows) * self.bytes_per_token
 
     def __str__(self) -> str:
         m = self.model
@@ -271,6 +302,7 @@ class ExtractPlan:
             f" B dense + ~{TOKEN_ROW_BYTES} B tokens row = {self.bytes_per_token:,} B",
             f"  disk needed  {_size(self.disk_needed)} (uncompressed upper bound)",
             f"  status       {resume}",
+            *([f"  shard        {self.span}"] if self.span else []),
         ])
 
 
@@ -368,6 +400,7 @@ def plan(config: ExtractConfig, storage: Storage) -> ExtractPlan:
     device, resolved = resolve(config)
     key = config_hash(config, **resolved)
     status, existing = existing_status(storage, config, key, resolved)
+    check_sharding(storage, config, status, existing)
     if status == "finished":  # nothing to load: the manifest says what the run holds
         m = existing["model"]
         return ExtractPlan(
@@ -421,12 +454,18 @@ def _plan_work(config, storage, device, resolved, key, status, existing) -> Extr
              "dense_layers": dense_layers, "sites": [loaded.sites[l].name for l in layers],
              "gated": loaded.adapter.gated, "top_k": routing_width(loaded)}
     committed = existing["committed"]["rows"] if status == "resume" else 0
+    span = None
+    if config.shard_spec is not None:
+        span = shard_spans(config, total, chunk_rows, prompts, encoded)[config.shard_spec.index]
+        shard_manifest = span.target(storage, config.run_id).manifest
+        committed = (read_json(shard_manifest)["committed"]["rows"] if status == "resume"
+                     and shard_manifest.exists() else span.rows[0])
     return ExtractPlan(
         run_id=config.run_id, config_hash=key, resolved=resolved, device=device, status=status,
         existing=existing, model=model, layers=layers, dense_layers=dense_layers,
         total_rows=total, chunk_rows=chunk_rows, committed_rows=committed,
         input=_describe_input(config), rule=rule, framing=framing, loaded=loaded, units=units, prompts=prompts,
-        encoded=encoded)
+        encoded=encoded, span=span)
 
 
 def context_length(model_config) -> int | None:
@@ -509,14 +548,36 @@ class _TokenText:
         return out
 
 
+@dataclass(frozen=True)
+class CommitTarget:
+    """Where a writer's commits go: the manifest that records them, the accumulator states,
+    and the rows whose Zarr chunks it owns. A run's one process owns every chunk; a shard owns
+    the chunks that lie wholly in its rows, and keeps the rows of chunks it shares with a
+    neighbour as edge files, written into the arrays when the run is finished."""
+
+    manifest: Path
+    state_dir: Path
+    own: tuple[int, int | None] = (0, None)   # [start, stop) of owned rows; None: to the end
+    edge_dir: Path | None = None
+
+    def segments(self, start: int, stop: int) -> list[tuple[int, int, bool]]:
+        """[(start, stop, owned)] cutting rows start..stop-1 at the owned range's ends."""
+        lo, hi = self.own
+        hi = stop if hi is None else hi
+        cuts = sorted({start, stop, *(c for c in (lo, hi) if start < c < stop)})
+        return [(a, b, lo <= a and b <= hi) for a, b in zip(cuts, cuts[1:])]
+
+
 class _Writer:
     """Buffers one commit's rows, then writes the row arrays, tokens, state and manifest."""
 
     def __init__(self, storage: Storage, run_id: str, manifest: dict, group, specs: dict,
                  chunk_rows: int, moments: dict[int, NeuronMoments], signs: dict[int, SignStats],
-                 write_threads: int = 1):
+                 write_threads: int = 1, target: CommitTarget | None = None):
         self.storage, self.run_id, self.manifest, self.group = storage, run_id, manifest, group
         self.moments, self.signs = moments, signs
+        self.target = target or CommitTarget(storage.run_manifest(run_id),
+                                             storage.run_dir(run_id) / "state")
         self.arrays = {name: arrays.ensure_rows_array(group, name, chunk_rows=chunk_rows, **spec)
                        for name, spec in specs.items()}
         self.next_row = manifest["committed"]["rows"]
@@ -583,26 +644,358 @@ class _Writer:
 
     def _write(self, job: dict) -> None:
         try:
-            start = job["start"]
-            writes = [(self.arrays[name], block) for name, block in job["blocks"].items()]
+            start, target = job["start"], self.target
+            writes, edges = [], {}
+            for a, b, owned in target.segments(start, start + job["rows"]):
+                for name, block in job["blocks"].items():
+                    if owned:
+                        writes.append((self.arrays[name], block[a - start:b - start], a))
+                    else:
+                        edges.setdefault(a, {})[name] = block[a - start:b - start]
             # one array per thread where the forward runs on an accelerator: compression and
             # file writes release the GIL, and these writes, not the forward, bound the rate
-            list(self._pool.map(lambda w: arrays.write_rows(w[0], start, w[1]), writes))
+            list(self._pool.map(lambda w: arrays.write_rows(w[0], w[2], w[1]), writes))
+            for a, blocks in edges.items():  # rows of chunks shared with a neighbouring shard
+                save_edge(target.edge_dir / f"rows-{a:012d}.npz", blocks)
             if job["tokens"] is not None:
                 tables.write_part(self.storage, "tokens", self.run_id, job["tokens"],
                                   part=f"part-{start:012d}")
             committed = self.manifest["committed"]
-            state_dir = self.storage.run_dir(self.run_id) / "state"
+            state_dir = target.state_dir
             state_name = f"moments-{start + job['rows']:012d}.npz"
             save_states(state_dir / state_name, job["moments"], job["signs"])
             old_state = committed.get("state")
             committed.update(rows=start + job["rows"], units=job["units"],
                              samples=job["samples"], state=state_name)
-            write_json(self.storage.run_manifest(self.run_id), self.manifest)
+            write_json(target.manifest, self.manifest)
             if old_state and old_state != state_name:
                 (state_dir / old_state).unlink(missing_ok=True)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread by wait()
             self._error = e
+
+
+# -- sharded runs
+#
+# Shard i of n extracts a contiguous slice of the work units (batches of corpus windows, or
+# prompts) into the run's own arrays and tables: rows keep their run-wide numbers, so the
+# shards together are exactly one run. Arrays are created at the planned size before any shard
+# writes, and a shard writes only the Zarr shards (chunk rows) that lie wholly in its rows;
+# corpus shards are cut at chunk boundaries, so that is all of them; the rows of a chunk that
+# two prompt shards share are kept as edge files and written when the run is finished.
+# runs/<run>/shards/shard-<i>-of-<n>/ holds a shard's manifest (shard.json: committed rows,
+# accumulator state, timings), its states and its edges. The shard that finishes last (under
+# the run's coordination lock) merges the accumulators and finishes the run.
+
+SHARD_LOCK_WAIT = 120.0  # seconds a shard waits for another's short hold of the coordination lock
+
+
+@dataclass(frozen=True)
+class ShardSpan:
+    """The slice of a run that one shard extracts."""
+
+    shard: Shard
+    units: tuple[int, int]   # [first, stop) work units (corpus batches or prompts)
+    rows: tuple[int, int]    # [first, stop) token rows as planned (a corpus may end sooner)
+    samples: int             # sequences before the shard's first
+    chunk_rows: int
+
+    def __str__(self) -> str:
+        return (f"{self.shard}: units {self.units[0]:,}..{self.units[1] - 1:,}, rows "
+                f"{self.rows[0]:,}..{self.rows[1] - 1:,}" if self.units[1] > self.units[0]
+                else f"{self.shard}: empty (more shards than work units)")
+
+    @property
+    def last(self) -> bool:
+        return self.shard.index == self.shard.count - 1
+
+    def target(self, storage: Storage, run_id: str) -> CommitTarget:
+        c, (lo, hi) = self.chunk_rows, self.rows
+        own_lo = -(-lo // c) * c
+        own_hi = None if self.last else max(own_lo, hi // c * c)
+        folder = shard_dir(storage, run_id, self.shard)
+        return CommitTarget(folder / "shard.json", folder / "state", (own_lo, own_hi),
+                            folder / "edges")
+
+
+def shard_dir(storage: Storage, run_id: str, shard: Shard) -> Path:
+    return storage.run_dir(run_id) / "shards" / shard.name
+
+
+def shard_spans(config: ExtractConfig, total_rows: int, chunk_rows: int, prompts, encoded
+                ) -> list[ShardSpan]:
+    """Every shard's slice: corpus batches cut at chunk boundaries, prompts by their rows."""
+    shards = [Shard(i, config.shard_spec.count) for i in range(config.shard_spec.count)]
+    if prompts is None:
+        per_unit = config.batch_size * config.max_length
+        units = -(-config.num_samples // config.batch_size)
+        slices = split_units(units, len(shards), align=chunk_rows // per_unit)
+        return [ShardSpan(s, (u0, u1), (u0 * per_unit, min(u1 * per_unit, total_rows)),
+                          u0 * config.batch_size, chunk_rows)
+                for s, (u0, u1) in zip(shards, slices)]
+    rows = [pr.num_samples * (len(ids) + pr.new_tokens) for pr, ids in zip(prompts, encoded)]
+    row_start = np.concatenate([[0], np.cumsum(rows)]).astype(int).tolist()
+    sample_start = np.concatenate([[0], np.cumsum([pr.num_samples for pr in prompts])]
+                                  ).astype(int).tolist()
+    return [ShardSpan(s, (u0, u1), (row_start[u0], row_start[u1]), sample_start[u0], chunk_rows)
+            for s, (u0, u1) in zip(shards, split_weighted(rows, len(shards)))]
+
+
+def check_sharding(storage: Storage, config: ExtractConfig, status: str,
+                   existing: dict | None) -> None:
+    """Refuse a shard of a run split otherwise, and a plain resume of a sharded run."""
+    if existing is None or status in ("finished", "overwrite"):
+        return
+    count, shard = existing.get("shards"), config.shard_spec
+    if shard is None and count and config.ray is None:
+        left = unfinished_shards(storage, config.run_id, count)
+        raise UserError(f"run {config.run_id!r} is split into {count} shards and shards "
+                        f"{', '.join(map(str, left))} are not finished: run them with --shard "
+                        f"I/{count}, or all with --ray --shards {count}")
+    if shard is not None and count != shard.count:
+        started = f"split into {count} shards" if count else "started without --shard"
+        fix = f"--shard I/{count}" if count else "resume it without --shard"
+        raise UserError(f"run {config.run_id!r} was {started}: {fix}, or --overwrite it "
+                        "(without --shard)")
+    if config.ray is not None and count not in (None, config.shards):
+        raise UserError(f"run {config.run_id!r} is split into {count} shards: pass --shards "
+                        f"{count}, or --overwrite")
+
+
+def unfinished_shards(storage: Storage, run_id: str, count: int) -> list[int]:
+    out = []
+    for i in range(count):
+        path = shard_dir(storage, run_id, Shard(i, count)) / "shard.json"
+        if not path.exists() or read_json(path).get("status") != "finished":
+            out.append(i)
+    return out
+
+
+@contextmanager
+def coordination(storage: Storage, run_id: str) -> Iterator[None]:
+    """The lock shards of a run take for a moment (creating the run, finishing it). A lock of
+    its own, not the run's: the run's lock removes leftovers of interrupted writes, which
+    would remove the partial chunks that other shards are writing."""
+    end = time.monotonic() + SHARD_LOCK_WAIT
+    while True:
+        try:
+            lease = storage.lock(f"{run_id}.shards", "extract")
+            break
+        except UserError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        lease.release()
+
+
+def save_edge(path: Path, blocks: dict[str, np.ndarray]) -> None:
+    """Rows of a shard in chunks it shares with a neighbour (written at the run's finish)."""
+    from pipeline.core.storage import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{name.replace("/", "."): block for name, block in blocks.items()})
+
+
+def run_shard(p: ExtractPlan, config: ExtractConfig, storage: Storage) -> ExtractResult:
+    """Extract one shard (resuming its last commit), then finish the run if it was the last."""
+    from pipeline.kernels.threads import thread_split
+
+    with coordination(storage, p.run_id):
+        manifest = open_sharded_run(p, config, storage)
+    if manifest.get("status") == "finished":
+        return ExtractResult(p.run_id, storage.run_dir(p.run_id), manifest, skipped=True)
+    target = p.span.target(storage, p.run_id)
+    # refused in one line while another process runs this shard
+    with storage.lock(f"{p.run_id}.{p.span.shard.name}", "extract"):
+        shard, acc = open_shard(p, config, storage, target)
+        if shard["status"] != "finished":
+            with thread_split(p.loaded.device.type) as threads:
+                shard["threads"] = threads
+                extract_units(p, config, storage, shard, acc, target)
+            shard.update(status="finished", finished=_now())
+            write_json(target.manifest, shard)
+            log.info("shard %s of run %s: %d rows in %.1f s", p.span.shard, p.run_id,
+                     shard["committed"]["rows"] - p.span.rows[0], shard["timings"]["seconds"])
+    return finish_if_complete(p, config, storage, shard)
+
+
+def open_sharded_run(p: ExtractPlan, config: ExtractConfig, storage: Storage) -> dict:
+    """run.json of the sharded run, created with its arrays at the planned size by the first
+    shard to arrive (called under the coordination lock)."""
+    path = storage.run_manifest(p.run_id)
+    if path.exists():
+        manifest = read_json(path)
+        if manifest.get("config_hash") != p.config_hash or manifest.get("shards") != \
+                p.span.shard.count:
+            raise UserError(f"run {p.run_id!r} was started by another shard with a different "
+                            "configuration or shard count: give every shard the same options")
+        return manifest
+    remove_run(storage, p.run_id)  # debris of a run deleted while it was being created
+    group = arrays.open_group(storage.arrays(p.run_id))
+    for name, spec in row_arrays(p).items():
+        array = arrays.ensure_rows_array(group, name, chunk_rows=p.chunk_rows, **spec)
+        array.resize((p.total_rows, array.shape[1]))
+    manifest = new_manifest(p, dataclasses.replace(config, shard=None), None,
+                            shards=p.span.shard.count)
+    write_json(path, manifest)  # last: the run exists once its arrays do
+    log.info("run %s: extracting %s in %d shards", p.run_id, p.input, p.span.shard.count)
+    return manifest
+
+
+def open_shard(p: ExtractPlan, config: ExtractConfig, storage: Storage,
+               target: CommitTarget) -> tuple[dict, Accumulators]:
+    """The shard's manifest and accumulators: new, or its last commit (what it wrote after
+    that commit is removed: tokens parts and edges in its rows)."""
+    span = p.span
+    if target.manifest.exists():
+        shard = read_json(target.manifest)
+        committed = shard["committed"]
+        state = committed.get("state")
+        acc = (Accumulators(*load_states(target.state_dir / state, p.layers, signs=p.gated))
+               if state else Accumulators.empty(p, config))
+        if shard["status"] != "finished":
+            stop = None if span.last else span.rows[1]
+            for part in storage.table_partition("tokens", p.run_id).glob("part-*.parquet"):
+                first = int(part.stem.split("-")[1])
+                if first >= committed["rows"] and (stop is None or first < stop):
+                    part.unlink()
+            for edge in target.edge_dir.glob("rows-*.npz") if target.edge_dir.is_dir() else ():
+                if int(edge.stem.split("-")[1]) >= committed["rows"]:
+                    edge.unlink()
+            for folder in (target.state_dir, target.edge_dir, target.manifest.parent):
+                if folder.is_dir():
+                    clean_temporaries(folder)  # this shard's own folders only
+            log.info("shard %s of run %s: resuming after row %d", span.shard, p.run_id,
+                     committed["rows"])
+    else:
+        shard = {"run_id": p.run_id, "shard": span.shard.index, "count": span.shard.count,
+                 "units": list(span.units), "rows": list(span.rows), "status": "running",
+                 "committed": {"rows": span.rows[0], "units": span.units[0],
+                               "samples": span.samples, "state": None},
+                 "timings": {"started": _now(), "seconds": 0.0}}
+        acc = Accumulators.empty(p, config)
+    shard.update(host=platform.node(), pid=os.getpid())  # who writes it now (and for a kill)
+    write_json(target.manifest, shard)
+    return shard, acc
+
+
+def finish_if_complete(p: ExtractPlan, config: ExtractConfig, storage: Storage,
+                       shard: dict) -> ExtractResult:
+    """Finish the run when every shard is done (the last shard to get here does)."""
+    with coordination(storage, p.run_id):
+        manifest = read_json(storage.run_manifest(p.run_id))
+        if manifest.get("status") != "finished":
+            waiting = unfinished_shards(storage, p.run_id, manifest["shards"])
+            if waiting:
+                return ExtractResult(p.run_id, storage.run_dir(p.run_id), manifest,
+                                     shard=shard, waiting=waiting)
+            marker = storage.marker(p.run_id, "extract")  # every shard is done: nobody writes
+            finish_sharded(p, config, storage, manifest)
+            marker.write(to_dict(dataclasses.replace(config, shard=None)), p.config_hash,
+                         rows=manifest["rows"], samples=manifest["samples"],
+                         shards=manifest["shards"])
+            log.info("run %s: %d rows in %d shards", p.run_id, manifest["rows"],
+                     manifest["shards"])
+    return ExtractResult(p.run_id, storage.run_dir(p.run_id), manifest, shard=shard)
+
+
+def finish_sharded(p: ExtractPlan, config: ExtractConfig, storage: Storage,
+                   manifest: dict) -> None:
+    """Merge the shards: accumulators summed in shard order, shared chunks written from the
+    edges, arrays cut to the rows written; then the tables of an unsharded run."""
+    count = manifest["shards"]
+    shards = [read_json(shard_dir(storage, p.run_id, Shard(i, count)) / "shard.json")
+              for i in range(count)]
+    acc, rows, samples, seconds = Accumulators.empty(p, config), 0, 0, 0.0
+    group = arrays.open_group(storage.arrays(p.run_id))
+    for s in shards:
+        folder = shard_dir(storage, p.run_id, Shard(s["shard"], count))
+        committed = s["committed"]
+        if committed["rows"] > s["rows"][0]:  # a corpus may end before a shard's slice
+            if s["rows"][0] != rows:
+                raise RuntimeError(f"shard {s['shard']} starts at row {s['rows'][0]}, the "
+                                   f"shards before it end at {rows}")
+            rows, samples = committed["rows"], committed["samples"]
+        if committed["state"]:
+            acc = acc.merge(Accumulators(*load_states(folder / "state" / committed["state"],
+                                                      p.layers, signs=p.gated)))
+        seconds += s["timings"]["seconds"]
+        for edge in sorted((folder / "edges").glob("rows-*.npz")):
+            start = int(edge.stem.split("-")[1])
+            with np.load(edge) as blocks:
+                for key in blocks.files:
+                    arrays.write_rows(group[key.replace(".", "/")], start, blocks[key])
+    arrays.truncate_rows(group, rows)
+    started = min(datetime.fromisoformat(s["timings"]["started"]) for s in shards)
+    manifest["timings"].update(
+        seconds=seconds, wall_seconds=(datetime.now(timezone.utc) - started).total_seconds(),
+        shards=[{"shard": s["shard"], "rows": s["committed"]["rows"] - s["rows"][0],
+                 "seconds": s["timings"]["seconds"], "host": s.get("host")} for s in shards])
+    manifest["committed"].update(rows=rows, samples=samples)
+    finish(p, config, storage, manifest, acc, rows, samples)
+    for s in shards:  # the shard manifests stay (where and how long each ran)
+        folder = shard_dir(storage, p.run_id, Shard(s["shard"], count))
+        shutil.rmtree(folder / "state", ignore_errors=True)
+        shutil.rmtree(folder / "edges", ignore_errors=True)
+
+
+# -- running the shards on Ray
+
+
+def run_on_ray(config: ExtractConfig, storage: Storage) -> ExtractResult:
+    """Run every shard as a Ray task (a killed worker's task is retried and resumes its last
+    commit); the last shard to finish finishes the run."""
+    from pipeline.core import cluster
+
+    storage.ensure_writable()
+    run_id, count = config.run_id, config.shards
+    if config.overwrite:
+        with coordination(storage, run_id), storage.lock(run_id, "extract"):
+            remove_run(storage, run_id)
+    shard_config = dataclasses.replace(config, ray=None, shards=None, overwrite=False, quiet=True)
+    calls = [((to_dict(dataclasses.replace(shard_config, shard=f"{i}/{count}")),
+               storage_url(storage), os.getcwd()), {}) for i in range(count)]
+    results = cluster.run_tasks(
+        extract_shard_task, calls, address=config.ray, device=config.device,
+        desc=f"extract {run_id} shard", progress=config.progress,
+        poll=lambda: shard_progress(storage, run_id, count))
+    manifest = read_json(storage.run_manifest(run_id))
+    if manifest.get("status") != "finished":
+        raise RuntimeError(f"run {run_id}: every shard returned but the run is not finished "
+                           f"({results})")
+    return ExtractResult(run_id, storage.run_dir(run_id), manifest)
+
+
+def storage_url(storage: Storage) -> str:
+    """The root as another process names it (an absolute path, or the URL)."""
+    root = str(storage.root)
+    return root if "://" in root else os.path.abspath(root)
+
+
+def extract_shard_task(values: dict, root: str, cwd: str) -> dict:
+    """A Ray task: one shard of a run (relative paths of the command resolved from `cwd`)."""
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    result = run(ExtractConfig(**values), Storage(root))
+    return {"shard": values["shard"], "waiting": result.waiting, "pid": os.getpid(),
+            "host": platform.node()}
+
+
+def shard_progress(storage: Storage, run_id: str, count: int) -> list[tuple[int, int]]:
+    """(rows committed, rows planned) of every shard, from the shard manifests."""
+    out = []
+    for i in range(count):
+        path = shard_dir(storage, run_id, Shard(i, count)) / "shard.json"
+        try:
+            s = read_json(path)
+        except (OSError, ValueError):
+            out.append((0, 0))
+            continue
+        out.append((s["committed"]["rows"] - s["rows"][0], s["rows"][1] - s["rows"][0]))
+    return out
 
 
 # -- the stage
@@ -615,6 +1008,8 @@ class ExtractResult:
     manifest: dict | None            # run.json (None for a dry run of a new run)
     skipped: bool = False            # already finished with this configuration
     plan: ExtractPlan | None = None  # set by a dry run
+    shard: dict | None = None        # the shard's manifest (--shard)
+    waiting: list[int] = field(default_factory=list)  # shards not finished yet (--shard)
 
     @property
     def dry_run(self) -> bool:
@@ -622,12 +1017,16 @@ class ExtractResult:
 
 
 def run(config: ExtractConfig, storage: Storage) -> ExtractResult:
-    """Run (or resume) an extraction; a dry run only plans it."""
+    """Run (or resume) an extraction, or one shard of it; a dry run only plans it."""
+    if config.ray is not None and not config.dry_run:
+        return run_on_ray(config, storage)
     if config.dry_run:
         p = plan(config, storage)
         return ExtractResult(p.run_id, storage.run_dir(p.run_id), p.existing, plan=p)
     storage.ensure_writable()
     p = plan(config, storage)
+    if p.span is not None and p.status != "finished":
+        return run_shard(p, config, storage)
     marker = storage.marker(p.run_id, "extract")
     if p.status == "finished":
         log.info("run %s is already finished with this configuration: nothing to do", p.run_id)
@@ -653,11 +1052,29 @@ class Accumulators:
     moments: dict[int, NeuronMoments]
     signs: dict[int, SignStats]
 
+    def merge(self, other: Accumulators) -> Accumulators:
+        """The sums of both (disjoint rows: shards of one run)."""
+        return Accumulators({l: m.merge(other.moments[l]) for l, m in self.moments.items()},
+                            {l: s.merge(other.signs[l]) for l, s in self.signs.items()})
+
     @classmethod
     def empty(cls, p: ExtractPlan, config: ExtractConfig) -> Accumulators:
         return cls({l: NeuronMoments(w, p.rule.key_threshold) for l, w in p.widths.items()},
                    {l: SignStats(w, config.sign_examples) for l, w in p.widths.items()}
                    if p.gated else {})
+
+
+def new_manifest(p: ExtractPlan, config: ExtractConfig, threads: dict | None,
+                 shards: int | None = None) -> dict:
+    """run.json of a run that starts now (of a sharded one: `shards`, the number of shards)."""
+    return {
+        "run_id": p.run_id, "status": "running", "config": to_dict(config),
+        "config_hash": p.config_hash, "resolved": p.resolved, "threads": threads,
+        "versions": library_versions(), "model": p.model, "active": p.rule.record(),
+        "framing": p.framing, **({"shards": shards} if shards else {}),
+        "committed": {"rows": 0, "units": 0, "samples": 0, "state": None},
+        "timings": {"started": _now(), "seconds": 0.0},
+    }
 
 
 def open_manifest(p: ExtractPlan, config: ExtractConfig, storage: Storage,
@@ -666,14 +1083,7 @@ def open_manifest(p: ExtractPlan, config: ExtractConfig, storage: Storage,
     written after the last commit are dropped)."""
     if p.status != "resume":
         remove_run(storage, p.run_id)  # --overwrite, or debris
-        manifest = {
-            "run_id": p.run_id, "status": "running", "config": to_dict(config),
-            "config_hash": p.config_hash, "resolved": p.resolved, "threads": threads,
-            "versions": library_versions(), "model": p.model, "active": p.rule.record(),
-            "framing": p.framing,
-            "committed": {"rows": 0, "units": 0, "samples": 0, "state": None},
-            "timings": {"started": _now(), "seconds": 0.0},
-        }
+        manifest = new_manifest(p, config, threads)
         write_json(storage.run_manifest(p.run_id), manifest)
         acc = Accumulators.empty(p, config)
         log.info("run %s: extracting %s", p.run_id, p.input)
@@ -699,7 +1109,7 @@ def open_manifest(p: ExtractPlan, config: ExtractConfig, storage: Storage,
 
 
 def extract_units(p: ExtractPlan, config: ExtractConfig, storage: Storage, manifest: dict,
-                  acc: Accumulators) -> tuple[int, int]:
+                  acc: Accumulators, target: CommitTarget | None = None) -> tuple[int, int]:
     """The forward loop over the units not yet committed; returns (rows, samples) in the end."""
     import torch
     from tqdm.auto import tqdm
@@ -708,7 +1118,7 @@ def extract_units(p: ExtractPlan, config: ExtractConfig, storage: Storage, manif
     from pipeline.models.hooks import capture_blocks
 
     loaded = p.loaded
-    writer = _open_writer(p, storage, manifest, acc)
+    writer = _open_writer(p, storage, manifest, acc, target)
     if loaded.device.type == "cpu":
         import pipeline.kernels.bitkernels  # noqa: F401  (import numba, load the compiled kernels before the clock starts)
     token_text = _TokenText(loaded.tokenizer)
@@ -717,8 +1127,11 @@ def extract_units(p: ExtractPlan, config: ExtractConfig, storage: Storage, manif
     committed = manifest["committed"]
     done_units, row, sample = committed["units"], committed["rows"], committed["samples"]
     t0 = time.perf_counter()
-    bar = tqdm(total=p.total_rows, initial=row, unit="tok", unit_scale=True,
-               disable=not config.progress, desc=f"extract {p.run_id}", smoothing=0.1)
+    first, stop = p.span.rows if p.span else (0, p.total_rows)
+    last_unit = p.span.units[1] if p.span else None
+    bar = tqdm(total=stop - first, initial=row - first, unit="tok", unit_scale=True,
+               disable=not config.progress, smoothing=0.1,
+               desc=f"extract {p.run_id}" + (f" shard {p.span.shard}" if p.span else ""))
     captured: dict[int, Any] = {}
     try:
         with torch.inference_mode(), capture_blocks(
@@ -727,7 +1140,9 @@ def extract_units(p: ExtractPlan, config: ExtractConfig, storage: Storage, manif
         ):
             for unit in p.units:
                 if unit.index < done_units:
-                    continue  # committed before an interruption
+                    continue  # committed before an interruption (or another shard's)
+                if last_unit is not None and unit.index >= last_unit:
+                    break
                 ids = _unit_ids(p, config, unit)
                 included = classes.included(ids.numpy(), config.excluded_classes,
                                             config.skip_positions)
@@ -769,11 +1184,12 @@ def row_arrays(p: ExtractPlan) -> dict[str, dict]:
     return specs
 
 
-def _open_writer(p: ExtractPlan, storage: Storage, manifest: dict, acc: Accumulators) -> _Writer:
+def _open_writer(p: ExtractPlan, storage: Storage, manifest: dict, acc: Accumulators,
+                 target: CommitTarget | None = None) -> _Writer:
     # on the CPU the forward needs every core: one writer thread; on a GPU several
     write_threads = 1 if p.loaded.device.type == "cpu" else min(8, os.cpu_count() or 1)
     return _Writer(storage, p.run_id, manifest, arrays.open_group(storage.arrays(p.run_id)),
-                   row_arrays(p), p.chunk_rows, acc.moments, acc.signs, write_threads)
+                   row_arrays(p), p.chunk_rows, acc.moments, acc.signs, write_threads, target)
 
 
 def _unit_ids(p: ExtractPlan, config: ExtractConfig, unit: Unit):
@@ -926,12 +1342,21 @@ def _now() -> str:
 def show(result: ExtractResult) -> str:
     if result.dry_run:
         return f"{result.plan}\ndry run: nothing written"
+    if result.waiting:
+        s = result.shard
+        done = s["committed"]["rows"] - s["rows"][0]
+        return (f"shard {s['shard']}/{s['count']} of run {result.run_id}: {done} token rows; the "
+                f"run is finished by the last of shards {', '.join(map(str, result.waiting))} "
+                f"-> {result.path}")
     if result.skipped:
         return (f"run {result.run_id} is already finished with this configuration: nothing to "
                 f"do ({result.path})")
     m, t = result.manifest, result.manifest["timings"]
-    return (f"run {result.run_id}: {m['rows']} token rows, {m['samples']} sequences, "
-            f"{t['tokens_per_s']:.0f} tok/s -> {result.path}")
+    shards = (f" in {m['shards']} shards ({t['tokens_per_s']:.0f} tok/s per shard, "
+              f"{m['rows'] / max(t['wall_seconds'], 1e-9):.0f} tok/s wall)"
+              if m.get("shards") else f", {t['tokens_per_s']:.0f} tok/s")
+    return (f"run {result.run_id}: {m['rows']} token rows, {m['samples']} sequences{shards} "
+            f"-> {result.path}")
 
 
 STAGES = [Stage(
@@ -943,5 +1368,7 @@ STAGES = [Stage(
     "  nwh extract --model gpt2 --num-samples 4096 --store-acts --dry-run\n"
     "  nwh extract --model storage/models/smollm2-135m --active-rule gate --skip-positions 1\n"
     "  nwh extract --model Qwen/Qwen2.5-0.5B --active-rule topk --topk 64 --exclude bos,pad\n"
-    "  nwh extract --model gpt2 --window-mode document --prepend-bos\n",
+    "  nwh extract --model gpt2 --window-mode document --prepend-bos\n"
+    "  nwh extract --model gpt2 --num-samples 65536 --shard 0/4      # one shard of four\n"
+    "  nwh extract --model gpt2 --num-samples 65536 --ray --shards 4 # all four on Ray\n",
     ExtractConfig, run, show)]
