@@ -170,7 +170,7 @@ def _bars(n: int, desc: str) -> list:
 def _draw(bars: list, states: Sequence[tuple[int, int]]) -> None:
     for bar, (done, total) in zip(bars, states):
         if bar.total != total:
-            bar.total = total
+            bar.reset(total=total)  # the shard started: its rate counts from now
         bar.n = done
         bar.refresh()
 
