@@ -109,7 +109,10 @@ class Storage:
     @property
     def url(self) -> str:
         """The root as text DuckDB and fsspec take: an absolute folder, or the URL."""
-        return os.path.realpath(self.root) if self.is_local else str(self.root).rstrip("/")
+        if self.is_local:
+            return os.path.realpath(self.root)
+        # the filesystem's own spelling, the one its listings (and so DuckDB's globs) use
+        return self.root.fs.unstrip_protocol(self.root.path).rstrip("/")
 
     def local_dir(self) -> Path:
         """What stays on this machine: the root itself when it is local, else a folder per URL
@@ -310,12 +313,15 @@ def _check_remote(storage: Storage, writing: bool) -> None:
             probe = f"{key.rstrip('/')}/.probe-{os.getpid()}-{secrets.token_hex(4)}"
             fs.pipe_file(probe, b"")
             fs.rm_file(probe)
-        else:
-            fs.ls(key.split("/", 1)[0], detail=False)  # the bucket: a missing one says so
+        else:  # the root itself: a credential scoped to the prefix may not list the bucket
+            fs.ls(key, detail=False)
     except Exception as e:  # noqa: BLE001 - every failure of the first request is one line
         message = remote_error_message(e, storage.url)
         if message is None and isinstance(e, FileNotFoundError):
-            message = f"storage {storage.url}: the bucket does not exist: create it, or check --storage"
+            if writing:
+                message = f"storage {storage.url}: the bucket does not exist: create it, or check --storage"
+            else:
+                return  # an empty prefix: check_exists says the root does not exist
         if message is None:
             what = "written" if writing else "read"
             message = (f"storage {storage.url} cannot be {what} ({type(e).__name__}: "

@@ -49,8 +49,7 @@ import pyarrow as pa
 
 from pipeline.core import tables
 from pipeline.core.errors import UserError
-from pipeline.core.storage import (Storage, atomic_path, read_json, remove_file,
-                                   storage_options)
+from pipeline.core.storage import Storage, atomic_path, read_json, remove_file, storage_options
 
 log = logging.getLogger(__name__)
 
