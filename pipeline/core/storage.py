@@ -255,6 +255,9 @@ def as_path(path: str | os.PathLike | Any) -> Path:
             raise UserError(f"{path!r} is on object storage, which needs universal_pathlib and "
                             "the filesystem's package: pip install 'neuron-warehouse[s3]'") from None
         protocol = path.split("://", 1)[0]
+        for name in ("botocore", "aiobotocore"):  # "Found credentials in ..." on every command
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
         try:
             return UPath(path, **storage_options(protocol))
         except (ImportError, ValueError) as e:

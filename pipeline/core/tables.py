@@ -92,13 +92,25 @@ def _arrow_filesystem(fs):
 _ARROW_FS: dict[int, tuple] = {}
 
 
-def read_parquet(path: Path, table_schema: pa.Schema | None = None) -> pa.Table:
-    """One Parquet file, local or on object storage."""
+def read_parquet(path: Path, table_schema: pa.Schema | None = None,
+                 columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file, local or on object storage (the reader of every storage path)."""
     path = as_path(path)
     if is_remote(path):
-        return pq.read_table(path.path, schema=table_schema,
+        return pq.read_table(path.path, schema=table_schema, columns=columns,
                              filesystem=_arrow_filesystem(path.fs))
-    return pq.read_table(path, schema=table_schema)
+    return pq.read_table(path, schema=table_schema, columns=columns)
+
+
+def scan_parquet(path: Path):
+    """A polars LazyFrame of one Parquet file: scanned in place when local; read through
+    pyarrow when on object storage (polars' own cloud reader takes other options)."""
+    import polars as pl
+
+    path = as_path(path)
+    if is_remote(path):
+        return pl.from_arrow(read_parquet(path)).lazy()
+    return pl.scan_parquet(path)
 
 
 def read_part(storage: Storage, table: str, run_id: str, part: str) -> pa.Table | None:

@@ -421,3 +421,37 @@ def test_any_fsspec_url_memory(tmp_path):
     assert got.rows() == [(0, 3), (1, 3)]
     with pytest.raises(UserError, match="refused"):
         warehouse.query_frame(storage, "select * from read_csv('/etc/passwd')")
+
+
+def test_parquet_readers_of_other_stages(s3_url):
+    """tables.read_parquet (columns) and tables.scan_parquet, for stages and figures that read
+    one file: the same rows as written."""
+    storage = Storage(s3_url)
+    data = neurons(2, 3)
+    path = tables.write_part(storage, "neurons", "r", data)
+    assert tables.read_parquet(path, columns=["layer"]).column_names == ["layer"]
+    frame = tables.scan_parquet(path).filter(pl_col("layer") == 1).collect()
+    assert frame["neuron_id"].to_list() == [3, 4, 5]
+
+
+def pl_col(name: str):
+    import polars as pl
+
+    return pl.col(name)
+
+
+def test_extract_on_s3_equals_local(extracted, s3_url, micro_model_dir, corpus_file):
+    """The extraction itself on an S3 root: the same tables and masks as on a local root."""
+    remote = coact_tests.extract_run(s3_url, micro_model_dir, corpus_file, RUN)
+    local = Storage(extracted)
+    order = {"tokens": "row", "neurons": "neuron_id", "neuron_stats": "neuron_id", "runs": "model"}
+    for table, key in order.items():
+        want = tables.read_partition(local, table, RUN)
+        timings = [c for c in ("finished_at", "seconds") if c in want.column_names]
+        got = tables.read_partition(remote, table, RUN).drop(timings).sort_by(key)
+        assert got.equals(want.drop(timings).sort_by(key)) and got.num_rows > 0, table
+    masks = coact_tests.stored_masks(local, RUN)
+    group = arrays.open_group(remote.arrays(RUN), mode="r")
+    for layer, mask in masks.items():
+        np.testing.assert_array_equal(arrays.unpack_mask(group[f"active/L{layer}"][:], 40), mask)
+    assert read_json(remote.run_manifest(RUN))["status"] == "finished"
