@@ -293,14 +293,15 @@ def remote_error_message(error: BaseException, root: Any) -> str | None:
         if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
             return (f"no credentials for {root} ({text}): set AWS_ACCESS_KEY_ID and "
                     "AWS_SECRET_ACCESS_KEY (or NWH_STORAGE_OPTIONS)")
+        # by name (botocore's, aiohttp's), not any ConnectionError: a model hub's is not ours
         if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
-                    "ConnectionRefusedError", "ServerDisconnectedError") \
-                or isinstance(e, ConnectionError):
+                    "ClientConnectorDNSError", "ServerDisconnectedError"):
             return (f"storage {root} cannot be reached ({text}): check the endpoint "
                     "(AWS_ENDPOINT_URL or NWH_STORAGE_OPTIONS) and the network")
         if "bucket does not exist" in text.lower() or name == "NoSuchBucket":
             return f"storage {root}: the bucket does not exist: create it, or check --storage"
-        if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        if any(word in text for word in ("AccessDenied", "Access Denied", "Forbidden",
+                                         "InvalidAccessKeyId", "SignatureDoesNotMatch")):
             return (f"storage {root} refused access ({text}): check the credentials and the "
                     "bucket's permissions")
         stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]

@@ -455,3 +455,26 @@ def test_extract_on_s3_equals_local(extracted, s3_url, micro_model_dir, corpus_f
     for layer, mask in masks.items():
         np.testing.assert_array_equal(arrays.unpack_mask(group[f"active/L{layer}"][:], 40), mask)
     assert read_json(remote.run_manifest(RUN))["status"] == "finished"
+
+
+def test_storage_errors_are_told_apart():
+    """Which failures are the store's: botocore's by class, S3's by code; another network's
+    ConnectionError (a model hub's) and a local PermissionError are not."""
+    from botocore.exceptions import EndpointConnectionError, NoCredentialsError
+
+    from pipeline.core.storage import remote_error_message
+
+    root = "s3://b/p"
+    assert "cannot be reached" in remote_error_message(
+        EndpointConnectionError(endpoint_url="http://x"), root)
+    assert "no credentials" in remote_error_message(NoCredentialsError(), root)
+    try:
+        try:
+            raise FileNotFoundError("The specified bucket does not exist")
+        except FileNotFoundError as inner:
+            raise RuntimeError("zarr failed") from inner
+    except RuntimeError as outer:
+        assert "bucket does not exist" in remote_error_message(outer, root)
+    assert "refused access" in remote_error_message(PermissionError("Access Denied"), root)
+    assert remote_error_message(ConnectionError("huggingface.co unreachable"), root) is None
+    assert remote_error_message(PermissionError(13, "Permission denied", "/x"), root) is None
