@@ -39,6 +39,18 @@ MASK_BLOCK = 64   # bytes per inner chunk of active/gate/up L<l> (512 neurons)
 
 
 def open_group(path: Path, mode: str = "a") -> zarr.Group:
+    """The Zarr group at a folder, or at a prefix of object storage (FsspecStore, through the
+    root's filesystem options). On object storage each chunk and metadata file is one PUT, so
+    a reader sees a chunk whole or not at all; which rows count is the run's manifest's say."""
+    from pipeline.core.storage import is_remote
+
+    if is_remote(path):
+        from zarr.storage import FsspecStore
+
+        # the options of the root's filesystem; zarr makes an asynchronous one of them
+        store = FsspecStore.from_url(str(path), storage_options=dict(path.storage_options),
+                                     read_only=mode == "r")
+        return zarr.open_group(store=store, mode=mode)
     return zarr.open_group(store=str(path), mode=mode)
 
 

@@ -284,5 +284,6 @@ def read_subset(storage: Storage, run: str, name: str) -> np.ndarray:
     """Global neuron ids of a stored subset (int64, most central first)."""
     path = subset_path(storage, run, name)
     if path.exists():
-        return np.load(path, allow_pickle=False)
+        with path.open("rb") as f:  # a file object: local or on object storage
+            return np.load(f, allow_pickle=False)
     raise UserError(f"run {run!r} has no subset {name!r}: create it with `nwh subset --run {run}`")

@@ -1,4 +1,4 @@
-"""Every path of the warehouse goes through this module (so the root can later be an fsspec URL).
+"""Every path of the warehouse goes through this module: a local folder, or an fsspec URL.
 
 Layout (storage/README.md):
     models/<name>/<revision>/       local models (the zoo)
@@ -12,12 +12,24 @@ Layout (storage/README.md):
 One process writes a run's outputs at a time: `Storage.marker` takes the run's lock (an OS lock
 that the kernel releases when the process dies, so a kill -9 never leaves it stuck), and the
 first time a process takes it, it removes what interrupted writes of that run left behind.
+
+Object storage (`Storage("s3://bucket/prefix")`, or any fsspec URL): the root is a pathlib-like
+UPath (universal_pathlib), so `/`, exists, glob, open, read_text and unlink work as on a folder.
+Options of the filesystem come from its own environment (s3fs/botocore: AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION...) and from NWH_STORAGE_OPTIONS
+(a JSON object of keyword arguments of the filesystem). What must stay on this machine lives in
+a local folder per URL (`Storage.local_dir`: NWH_CACHE or ~/.cache/nwh, then a name of the URL):
+models, the corpus cache, the write locks (which then guard one machine) and the staging folder
+of atomic writes. An atomic write stages its file locally and uploads it in one PUT, which
+object stores apply whole or not at all; a reader trusts a run's manifest (committed rows,
+status) and a stage's completion marker, both written after the objects they describe.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -37,7 +49,25 @@ from pipeline.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ROOT = Path(os.environ.get("NWH_STORAGE", "storage"))
+LOCAL_PROTOCOLS = ("", "file", "local")
+
+
+def is_url(root: Any) -> bool:
+    """Whether a --storage value names object storage (an fsspec URL other than file://)."""
+    return isinstance(root, str) and "://" in root and not root.startswith("file://")
+
+
+def is_remote(path: Any) -> bool:
+    """Whether a path object lives on a remote filesystem (a UPath with a remote protocol)."""
+    return getattr(path, "protocol", "") not in LOCAL_PROTOCOLS
+
+
+def _default_root() -> str | Path:
+    root = os.environ.get("NWH_STORAGE", "storage")
+    return root if is_url(root) else Path(root)  # Path would fold s3:// into s3:/
+
+
+DEFAULT_ROOT = _default_root()
 WAREHOUSE_FOLDERS = ("runs", "tables", "models", "reports")  # one of them makes a root a warehouse
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]{0,127}$")
 
@@ -64,12 +94,36 @@ class Storage:
 
     def __init__(self, root: str | os.PathLike = DEFAULT_ROOT, *, must_exist: bool = False):
         """`must_exist`: the root must already be a warehouse (stages that only read it: a
-        mistyped --storage is an error, not an empty result)."""
-        self.root = Path(root)
+        mistyped --storage is an error, not an empty result). `root` is a folder or an fsspec
+        URL (s3://bucket/prefix, gs://..., memory://...)."""
+        self.root = as_path(str(root).rstrip("/") if is_url(root) else root)
+        if isinstance(root, str) and root.startswith("file://"):
+            self.root = Path(root[len("file://"):])
         if must_exist:
             self.check_exists()
 
+    @property
+    def is_local(self) -> bool:
+        return not is_remote(self.root)
+
+    @property
+    def url(self) -> str:
+        """The root as text DuckDB and fsspec take: an absolute folder, or the URL."""
+        if self.is_local:
+            return os.path.realpath(self.root)
+        # the filesystem's own spelling, the one its listings (and so DuckDB's globs) use
+        return self.root.fs.unstrip_protocol(self.root.path).rstrip("/")
+
+    def local_dir(self) -> Path:
+        """What stays on this machine: the root itself when it is local, else a folder per URL
+        under NWH_CACHE (default ~/.cache/nwh)."""
+        if self.is_local:
+            return self.root
+        return local_cache_dir(self.url)
+
     def check_exists(self) -> None:
+        if not self.is_local:
+            _check_remote(self, writing=False)
         if not self.root.is_dir():
             what = "is not a folder" if self.root.exists() else "does not exist"
             raise UserError(f"storage root {str(self.root)!r} {what}: check --storage (or "
@@ -79,6 +133,9 @@ class Storage:
                             f"{', '.join(n + '/' for n in WAREHOUSE_FOLDERS)}): check --storage")
 
     def ensure_writable(self) -> None:
+        if not self.is_local:  # a bucket has no folders to make: write a probe object
+            _check_remote(self, writing=True)
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             # the pid in the name: a probe a kill left behind is known as debris (clean_root)
@@ -96,7 +153,8 @@ class Storage:
 
     # -- folders
     def models_dir(self) -> Path:
-        return self.root / "models"
+        # models load through local files (safetensors, tokenizers): on this machine
+        return self.local_dir() / "models"
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / validate_run_id(run_id)
@@ -127,7 +185,9 @@ class Storage:
 
     def lock_path(self, owner: str) -> Path:
         # beside the run folders, not in them: --overwrite deletes a run's folder while its
-        # writer holds the lock
+        # writer holds the lock. An object store has no locks: a local file, one machine's lock
+        if not self.is_local:
+            return self.local_dir() / "locks" / f"{validate_run_id(owner)}.lock"
         return self.root / "runs" / ".locks" / f"{validate_run_id(owner)}.lock"
 
     def lock(self, owner: str, stage: str = "") -> Lease:
@@ -138,8 +198,8 @@ class Storage:
         return self.root / "warehouse.duckdb"
 
     def cache_dir(self) -> Path:
-        """Derived inputs kept between processes (the parsed stdlib corpus)."""
-        return self.root / "cache"
+        """Derived inputs kept between processes (the parsed stdlib corpus); on this machine."""
+        return self.local_dir() / "cache"
 
     def finished_run(self, run_id: str) -> dict:
         """Manifest of a finished extraction run, or a UserError that says what to do."""
@@ -156,7 +216,121 @@ class Storage:
 
     def list_runs(self) -> list[str]:
         d = self.root / "runs"
+        if not self.is_local:  # one listing instead of a request per run
+            return sorted({p.parent.name for p in d.glob("*/run.json")})
         return sorted(p.name for p in d.iterdir() if (p / "run.json").exists()) if d.exists() else []
+
+
+# -- paths on object storage
+
+
+def storage_options(protocol: str) -> dict:
+    """Keyword arguments of the filesystem of a URL: NWH_STORAGE_OPTIONS (JSON) over ours."""
+    options: dict[str, Any] = {}
+    if protocol in ("s3", "s3a", "gs", "gcs", "abfs", "az", "http", "https"):
+        # listings are read fresh: another process (a shard) may have written since
+        options["use_listings_cache"] = False
+    text = os.environ.get("NWH_STORAGE_OPTIONS", "").strip()
+    if text:
+        try:
+            extra = json.loads(text)
+        except ValueError as e:
+            raise UserError(f"NWH_STORAGE_OPTIONS is not valid JSON ({e}): give an object such "
+                            'as {"endpoint_url": "http://127.0.0.1:9000"}') from None
+        if not isinstance(extra, dict):
+            raise UserError("NWH_STORAGE_OPTIONS must be a JSON object of filesystem options, "
+                            'such as {"endpoint_url": "http://127.0.0.1:9000"}')
+        options.update(extra)
+    return options
+
+
+def as_path(path: str | os.PathLike | Any) -> Path:
+    """A path object: a UPath for an fsspec URL (or one already), a pathlib.Path otherwise."""
+    if is_remote(path):
+        return path
+    if is_url(path):
+        try:
+            from upath import UPath
+        except ImportError:
+            raise UserError(f"{path!r} is on object storage, which needs universal_pathlib and "
+                            "the filesystem's package: pip install 'neuron-warehouse[s3]'") from None
+        protocol = path.split("://", 1)[0]
+        for name in ("botocore", "aiobotocore"):  # "Found credentials in ..." on every command
+            if logging.getLogger(name).level == logging.NOTSET:
+                logging.getLogger(name).setLevel(logging.WARNING)
+        try:
+            return UPath(path, **storage_options(protocol))
+        except (ImportError, ValueError) as e:
+            raise UserError(f"{path!r}: no filesystem for {protocol}:// ({e}): install its fsspec "
+                            "package (s3fs for s3://, gcsfs for gs://, adlfs for az://)") from None
+    return Path(path)
+
+
+def local_cache_dir(url: str) -> Path:
+    """<NWH_CACHE or ~/.cache/nwh>/<readable name>-<hash of the URL>: this machine's folder of
+    a remote root."""
+    base = Path(os.environ.get("NWH_CACHE") or Path.home() / ".cache" / "nwh")
+    name = slug(url.split("://", 1)[-1].replace("/", "-"))[:48]
+    return base / f"{name}-{hashlib.sha256(url.encode()).hexdigest()[:10]}"
+
+
+def _staging_dir() -> Path:
+    """Where atomic writes of remote paths are staged before their upload."""
+    base = Path(os.environ.get("NWH_CACHE") or Path.home() / ".cache" / "nwh")
+    return base / "staging"
+
+
+def remote_error_message(error: BaseException, root: Any) -> str | None:
+    """One line for an error of object storage (an endpoint that cannot be reached, a missing
+    bucket, missing or refused credentials), else None."""
+    stack, seen = [error], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        name, text = type(e).__name__, " ".join(str(e).split())
+        if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+            return (f"no credentials for {root} ({text}): set AWS_ACCESS_KEY_ID and "
+                    "AWS_SECRET_ACCESS_KEY (or NWH_STORAGE_OPTIONS)")
+        # by name (botocore's, aiohttp's), not any ConnectionError: a model hub's is not ours
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError",
+                    "ClientConnectorDNSError", "ServerDisconnectedError"):
+            return (f"storage {root} cannot be reached ({text}): check the endpoint "
+                    "(AWS_ENDPOINT_URL or NWH_STORAGE_OPTIONS) and the network")
+        if "bucket does not exist" in text.lower() or name == "NoSuchBucket":
+            return f"storage {root}: the bucket does not exist: create it, or check --storage"
+        if any(word in text for word in ("AccessDenied", "Access Denied", "Forbidden",
+                                         "InvalidAccessKeyId", "SignatureDoesNotMatch")):
+            return (f"storage {root} refused access ({text}): check the credentials and the "
+                    "bucket's permissions")
+        stack += [e.__cause__, e.__context__, *getattr(e, "exceptions", ())]
+    return None
+
+
+def _check_remote(storage: Storage, writing: bool) -> None:
+    """The bucket can be listed (and written): else a one-line UserError."""
+    root = storage.root
+    fs, key = root.fs, root.path
+    try:
+        if writing:
+            probe = f"{key.rstrip('/')}/.probe-{os.getpid()}-{secrets.token_hex(4)}"
+            fs.pipe_file(probe, b"")
+            fs.rm_file(probe)
+        else:  # the root itself: a credential scoped to the prefix may not list the bucket
+            fs.ls(key, detail=False)
+    except Exception as e:  # noqa: BLE001 - every failure of the first request is one line
+        message = remote_error_message(e, storage.url)
+        if message is None and isinstance(e, FileNotFoundError):
+            if writing:
+                message = f"storage {storage.url}: the bucket does not exist: create it, or check --storage"
+            else:
+                return  # an empty prefix: check_exists says the root does not exist
+        if message is None:
+            what = "written" if writing else "read"
+            message = (f"storage {storage.url} cannot be {what} ({type(e).__name__}: "
+                       f"{' '.join(str(e).split())}): check --storage and NWH_STORAGE_OPTIONS")
+        raise UserError(message) from None
 
 
 # -- atomic writes: write to a temporary name in the same folder, then rename
@@ -175,6 +349,30 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def remove_tree(path: Path) -> None:
+    """Delete a folder and everything in it (a prefix of objects on object storage); absent is
+    fine. Only that folder: a sibling whose name starts alike (run1 beside run10) stays."""
+    path = as_path(path)
+    if not is_remote(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    keys = path.fs.find(path.path.rstrip("/") + "/")
+    if keys:
+        path.fs.rm(keys)
+
+
+def remove_file(path: Path) -> None:
+    """Delete one file (object); absent is fine."""
+    path = as_path(path)
+    if is_remote(path):
+        try:
+            path.fs.rm_file(path.path)
+        except FileNotFoundError:
+            pass
+    else:
+        path.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
@@ -183,8 +381,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
     the old one aside first, renaming the new one in, then deleting the old one: a reader sees
     the old or the new folder, and a crash in between leaves the old one under a hidden name
     that `clean_temporaries` removes.
+
+    A remote `path` (object storage) is written through a local temporary path that is
+    uploaded when the block succeeds: a file in one PUT (an object appears whole or not at
+    all; a failed block uploads nothing), a folder object by object, new objects first and
+    stale ones removed last, so it is never missing but can be a mixture while it is replaced
+    (its stage's completion marker, written after it, says when it is whole).
     """
-    path = Path(path)
+    path = as_path(path)
+    if is_remote(path):
+        with _staged(path) as tmp:
+            yield tmp
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_name(path, "tmp")
     try:
@@ -201,6 +409,50 @@ def atomic_path(path: Path) -> Iterator[Path]:
         _remove(tmp)
 
 
+@contextmanager
+def _staged(path: Path) -> Iterator[Path]:
+    staging = _staging_dir()
+    staging.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(staging / path.name, "tmp")
+    try:
+        yield tmp
+        if tmp.is_dir():
+            _upload_folder(tmp, path)
+        elif tmp.exists():
+            path.fs.put_file(str(tmp), path.path)
+        else:  # as os.replace of a file never written
+            raise FileNotFoundError(f"{tmp} was not written")
+    finally:
+        _remove(tmp)
+
+
+def _upload_folder(local: Path, path: Path) -> None:
+    files = [p for p in local.rglob("*") if p.is_file()]
+    target = path.path.rstrip("/")
+    new = {f"{target}/{p.relative_to(local).as_posix()}" for p in files}
+    old = set(path.fs.find(target + "/"))
+    if files:
+        path.fs.put([str(p) for p in files], [f"{target}/{p.relative_to(local).as_posix()}"
+                                              for p in files])
+    stale = sorted(old - new)
+    if stale:
+        path.fs.rm(stale)
+
+
+def _clean_staging() -> int:
+    """Staged files of atomic writes whose process is gone."""
+    staging, removed = _staging_dir(), 0
+    try:
+        names = os.listdir(staging)
+    except OSError:
+        return 0
+    for name in names:
+        if _is_leftover(name):
+            _remove(staging / name)
+            removed += 1
+    return removed
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -215,7 +467,10 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def clean_temporaries(directory: Path) -> int:
-    """Remove the temporary files and folders that interrupted atomic writes left in a folder."""
+    """Remove the temporary files and folders that interrupted atomic writes left in a folder.
+    A remote folder has none (writes are staged locally): its staging leftovers go instead."""
+    if is_remote(directory) or is_url(directory):
+        return _clean_staging()
     removed = 0
     for p in Path(directory).glob(".*.tmp-*"):
         _remove(p)
@@ -236,7 +491,7 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    return json.loads(as_path(path).read_text())
 
 
 # -- completion markers: a stage's resolved config and the hash that says its work is done
@@ -463,7 +718,12 @@ def _is_leftover(name: str) -> bool:
 def clean_leftovers(storage: Storage, owner: str) -> int:
     """Remove what interrupted writes left in a run's folder and table partitions (called with
     the run's lock held): zarr's *.<uuid>.partial chunks and metadata, atomic_path's
-    .<name>.tmp-<pid>-* / .<name>.old-<pid>-* files and folders. Returns how many."""
+    .<name>.tmp-<pid>-* / .<name>.old-<pid>-* files and folders. Returns how many.
+
+    On object storage nothing partial is ever written (a PUT is whole; atomic writes stage
+    locally), so only the local staging folder is cleaned."""
+    if not storage.is_local:
+        return _clean_staging()
     folders = [storage.run_dir(owner)]
     tables = storage.root / "tables"
     if tables.is_dir():
@@ -486,7 +746,10 @@ def clean_leftovers(storage: Storage, owner: str) -> int:
 
 def clean_root(root: Path) -> None:
     """What killed processes left directly in the root: writability probes and temporaries
-    of atomic writes there (the catalog), when their process is gone."""
+    of atomic writes there (the catalog), when their process is gone. A remote root has none:
+    its probe object is removed as soon as it is written, its temporaries are local."""
+    if is_remote(root):
+        return
     try:
         names = os.listdir(root)
     except OSError:

@@ -1,21 +1,22 @@
 """Warehouse tables: schemas declared once in schemas/<table>.json, validated on every write.
 
 A table lives at tables/<table>/run_id=<run_id>/part-*.parquet. Writes go to a temporary file
-renamed into place, so a reader never sees half a file.
+renamed into place, so a reader never sees half a file. On object storage the file is written
+locally and uploaded in one PUT (storage.atomic_path); reads go through pyarrow's filesystem
+over the root's fsspec filesystem.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.storage import Storage, atomic_path
+from pipeline.core.storage import Storage, as_path, atomic_path, is_remote, remove_tree
 
 SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
@@ -78,10 +79,44 @@ def part_path(storage: Storage, table: str, run_id: str, part: str) -> Path:
     return storage.table_partition(table, run_id) / f"{part}.parquet"
 
 
+def _arrow_filesystem(fs):
+    """pyarrow's view of an fsspec filesystem (one per filesystem object)."""
+    key = id(fs)
+    if key not in _ARROW_FS or _ARROW_FS[key][0] is not fs:
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        _ARROW_FS[key] = (fs, PyFileSystem(FSSpecHandler(fs)))
+    return _ARROW_FS[key][1]
+
+
+_ARROW_FS: dict[int, tuple] = {}
+
+
+def read_parquet(path: Path, table_schema: pa.Schema | None = None,
+                 columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file, local or on object storage (the reader of every storage path)."""
+    path = as_path(path)
+    if is_remote(path):
+        return pq.read_table(path.path, schema=table_schema, columns=columns,
+                             filesystem=_arrow_filesystem(path.fs))
+    return pq.read_table(path, schema=table_schema, columns=columns)
+
+
+def scan_parquet(path: Path):
+    """A polars LazyFrame of one Parquet file: scanned in place when local; read through
+    pyarrow when on object storage (polars' own cloud reader takes other options)."""
+    import polars as pl
+
+    path = as_path(path)
+    if is_remote(path):
+        return pl.from_arrow(read_parquet(path)).lazy()
+    return pl.scan_parquet(path)
+
+
 def read_part(storage: Storage, table: str, run_id: str, part: str) -> pa.Table | None:
     """One part of a run's partition with the declared schema, or None when it is absent."""
     path = part_path(storage, table, run_id, part)
-    return pq.read_table(path, schema=schema(table)) if path.exists() else None
+    return read_parquet(path, schema(table)) if path.exists() else None
 
 
 def write_part(storage: Storage, table: str, run_id: str, data: Any, part: str = "part-0") -> Path:
@@ -99,7 +134,7 @@ def write_part(storage: Storage, table: str, run_id: str, data: Any, part: str =
 def drop_partition(storage: Storage, table: str, run_id: str) -> None:
     folder = storage.table_partition(table, run_id)
     had_parts = _has_parts(folder)
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_tree(folder)
     if had_parts:
         _partitions_changed(storage, table)
 
@@ -132,7 +167,7 @@ def read_partition(storage: Storage, table: str, run_id: str) -> pa.Table:
     parts = sorted(storage.table_partition(table, run_id).glob("*.parquet"))
     if not parts:
         return schema(table).empty_table()
-    return pa.concat_tables([pq.read_table(p, schema=schema(table)) for p in parts])
+    return pa.concat_tables([read_parquet(p, schema(table)) for p in parts])
 
 
 FRAME_FORMATS = (".csv", ".parquet", ".json", ".ndjson")
@@ -143,7 +178,7 @@ def write_frame(frame, out: str | Path) -> Path:
     writer of every `--out`)."""
     from pipeline.core.errors import UserError
 
-    out = Path(out)
+    out = as_path(out)  # a file name, or an fsspec URL
     suffix = out.suffix.lower()
     writers = {".csv": frame.write_csv, ".parquet": frame.write_parquet,
                ".json": frame.write_json, ".ndjson": frame.write_ndjson}

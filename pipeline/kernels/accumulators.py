@@ -414,7 +414,10 @@ def save_states(path: Path, moments: dict[int, NeuronMoments],
 def load_states(path: Path, layers: list[int], signs: bool = False
                 ) -> tuple[dict[int, NeuronMoments], dict[int, SignStats]]:
     """The accumulators save_states wrote: (moments, sign stats; {} unless `signs`)."""
-    with np.load(path, allow_pickle=False) as state:
+    from pipeline.core.storage import as_path
+
+    # through a file object: the state may be on object storage
+    with as_path(path).open("rb") as f, np.load(f, allow_pickle=False) as state:
         if any(f"L{layer}/{k}" not in state for layer in layers for k in ("shift", "count")):
             raise UserError(f"the saved accumulators {path} predate per-neuron counts: delete the "
                             "run's folder and extract it again")

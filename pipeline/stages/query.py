@@ -22,7 +22,7 @@ from typing import Any
 from pipeline.core import tables
 from pipeline.core.config import Stage, opt
 from pipeline.core.errors import UserError
-from pipeline.core.storage import Storage, atomic_path
+from pipeline.core.storage import Storage, as_path, atomic_path, is_remote
 
 FORMATS = ("table", "csv", "tsv", "json", "jsonl", "markdown", "parquet")
 SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl": "jsonl",
@@ -68,9 +68,21 @@ def resolve_format(config: QueryConfig) -> str:
 
 
 def _check_out(out: str, storage: Storage) -> Path:
-    path = Path(out)
+    path = as_path(out)  # a file name, or an fsspec URL
     if path.is_dir():
         raise UserError(f"--out {out!r} is a folder: give a file name")
+    if is_remote(path) != (not storage.is_local):  # one on object storage, one local: apart
+        return path
+    if is_remote(path):  # both remote: compare the URLs' text
+        target, root = str(path).rstrip("/"), storage.url
+        inside = [n for n in _PROTECTED if target.startswith(f"{root}/{n}/")]
+        if inside:
+            raise UserError(f"--out {out!r} is inside the warehouse's {inside[0]}/ folder, whose "
+                            "files belong to the stages: write the result elsewhere")
+        if target.rsplit("/", 1)[0] == root and \
+                target.rsplit("/", 1)[-1].lstrip(".").startswith("warehouse.duckdb"):
+            raise UserError(f"--out {out!r} would replace the catalog: write the result elsewhere")
+        return path
     target = path.resolve()
     root = storage.root.resolve()
     for name in _PROTECTED:
@@ -168,8 +180,9 @@ def render(frame, fmt: str) -> str | bytes:
 
 
 def write(frame, out: str | Path, fmt: str) -> Path:
-    """Write the result to a file through a temporary name and a rename."""
-    out = Path(out)
+    """Write the result to a file through a temporary name and a rename (on object storage: a
+    local file uploaded in one PUT)."""
+    out = as_path(out)
     data = render(frame, fmt)
     with atomic_path(out) as tmp:
         if isinstance(data, bytes):
