@@ -24,7 +24,7 @@ def draw(result, config, storage: Storage) -> list[Path]:
     out_dir = storage.reports(config.run)
     out_dir.mkdir(parents=True, exist_ok=True)
     part = coact.graph_part(config.weight, config.threshold)
-    edges = pl.scan_parquet(tables.part_path(storage, "edges", config.run, part))
+    edges = tables.scan_parquet(tables.part_path(storage, "edges", config.run, part))
     weights = edges.select("weight").collect()["weight"].to_numpy()
     label = f"{config.weight} > {config.threshold:g}"
     paths = [plot_histogram(weights, out_dir / f"edge_weights_{config.weight}.png",

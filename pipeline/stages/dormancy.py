@@ -197,7 +197,7 @@ def run(config: DormancyConfig, storage: Storage) -> DormancyResult:
     part = tables.part_path(storage, "dormancy", config.run, config.part)
     skipped = not config.overwrite and marker.done(key) is not None and part.exists()
     if skipped:
-        rows = pl.read_parquet(part).select(tables.schema("dormancy").names)
+        rows = pl.from_arrow(tables.read_parquet(part)).select(tables.schema("dormancy").names)
     else:
         rows = dormancy_rows(storage, config, manifest)
         tables.write_part(storage, "dormancy", config.run, rows.to_arrow(), part=config.part)

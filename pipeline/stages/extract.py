@@ -27,7 +27,6 @@ import dataclasses
 import logging
 import os
 import platform
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +57,8 @@ from pipeline.core.storage import (
     Storage,
     clean_temporaries,
     read_json,
+    remove_file,
+    remove_tree,
     slug,
     validate_run_id,
     write_json,
@@ -201,7 +202,7 @@ def library_versions() -> dict[str, str]:
 
 def remove_run(storage: Storage, run_id: str) -> None:
     """Delete a run's folder and every table partition of it."""
-    shutil.rmtree(storage.run_dir(run_id), ignore_errors=True)
+    remove_tree(storage.run_dir(run_id))
     for table in tables.table_names():
         tables.drop_partition(storage, table, run_id)
 
@@ -669,7 +670,7 @@ class _Writer:
                              samples=job["samples"], state=state_name)
             write_json(target.manifest, self.manifest)
             if old_state and old_state != state_name:
-                (state_dir / old_state).unlink(missing_ok=True)
+                remove_file(state_dir / old_state)
         except BaseException as e:  # noqa: BLE001 - handed to the main thread by wait()
             self._error = e
 
@@ -746,8 +747,8 @@ def check_sharding(storage: Storage, config: ExtractConfig, status: str,
     if existing is None or status in ("finished", "overwrite"):
         return
     count, shard = existing.get("shards"), config.shard_spec
-    if shard is None and count and config.ray is None:
-        left = unfinished_shards(storage, config.run_id, count)
+    left = unfinished_shards(storage, config.run_id, count) if count else []
+    if shard is None and left and config.ray is None:
         raise UserError(f"run {config.run_id!r} is split into {count} shards and shards "
                         f"{', '.join(map(str, left))} are not finished: run them with --shard "
                         f"I/{count}, or all with --ray --shards {count}")
@@ -799,8 +800,10 @@ def save_edge(path: Path, blocks: dict[str, np.ndarray]) -> None:
             np.savez(f, **{name.replace("/", "."): block for name, block in blocks.items()})
 
 
-def run_shard(p: ExtractPlan, config: ExtractConfig, storage: Storage) -> ExtractResult:
-    """Extract one shard (resuming its last commit), then finish the run if it was the last."""
+def run_shard(p: ExtractPlan, config: ExtractConfig, storage: Storage,
+              finish_run: bool = True) -> ExtractResult:
+    """Extract one shard (resuming its last commit), then finish the run if it was the last
+    (unless `finish_run` is off: the Ray driver leaves the finish to one task of its own)."""
     from pipeline.kernels.threads import thread_split
 
     with coordination(storage, p.run_id):
@@ -819,6 +822,9 @@ def run_shard(p: ExtractPlan, config: ExtractConfig, storage: Storage) -> Extrac
             write_json(target.manifest, shard)
             log.info("shard %s of run %s: %d rows in %.1f s", p.span.shard, p.run_id,
                      shard["committed"]["rows"] - p.span.rows[0], shard["timings"]["seconds"])
+    if not finish_run:
+        return ExtractResult(p.run_id, storage.run_dir(p.run_id), manifest, shard=shard,
+                             waiting=unfinished_shards(storage, p.run_id, p.span.shard.count))
     return finish_if_complete(p, config, storage, shard)
 
 
@@ -833,11 +839,17 @@ def open_sharded_run(p: ExtractPlan, config: ExtractConfig, storage: Storage) ->
             raise UserError(f"run {p.run_id!r} was started by another shard with a different "
                             "configuration or shard count: give every shard the same options")
         return manifest
-    remove_run(storage, p.run_id)  # debris of a run deleted while it was being created
+    # idempotent: on an object store two shards of different machines may both get here (the
+    # lock guards one machine), and both make the same arrays and the same manifest
     group = arrays.open_group(storage.arrays(p.run_id))
     for name, spec in row_arrays(p).items():
         array = arrays.ensure_rows_array(group, name, chunk_rows=p.chunk_rows, **spec)
-        array.resize((p.total_rows, array.shape[1]))
+        if (array.shape[1], str(array.dtype), array.chunks[0]) != (spec["width"], spec["dtype"],
+                                                                  p.chunk_rows):
+            raise UserError(f"run {p.run_id!r} holds arrays of another configuration without "
+                            "a manifest: start it with --overwrite (without --shard)")
+        if array.shape[0] != p.total_rows:
+            array.resize((p.total_rows, array.shape[1]))
     manifest = new_manifest(p, dataclasses.replace(config, shard=None), None,
                             shards=p.span.shard.count)
     write_json(path, manifest)  # last: the run exists once its arrays do
@@ -883,7 +895,7 @@ def open_shard(p: ExtractPlan, config: ExtractConfig, storage: Storage,
 
 
 def finish_if_complete(p: ExtractPlan, config: ExtractConfig, storage: Storage,
-                       shard: dict) -> ExtractResult:
+                       shard: dict | None) -> ExtractResult:
     """Finish the run when every shard is done (the last shard to get here does)."""
     with coordination(storage, p.run_id):
         manifest = read_json(storage.run_manifest(p.run_id))
@@ -925,7 +937,7 @@ def finish_sharded(p: ExtractPlan, config: ExtractConfig, storage: Storage,
         seconds += s["timings"]["seconds"]
         for edge in sorted((folder / "edges").glob("rows-*.npz")):
             start = int(edge.stem.split("-")[1])
-            with np.load(edge) as blocks:
+            with edge.open("rb") as f, np.load(f) as blocks:
                 for key in blocks.files:
                     arrays.write_rows(group[key.replace(".", "/")], start, blocks[key])
     arrays.truncate_rows(group, rows)
@@ -938,8 +950,8 @@ def finish_sharded(p: ExtractPlan, config: ExtractConfig, storage: Storage,
     finish(p, config, storage, manifest, acc, rows, samples)
     for s in shards:  # the shard manifests stay (where and how long each ran)
         folder = shard_dir(storage, p.run_id, Shard(s["shard"], count))
-        shutil.rmtree(folder / "state", ignore_errors=True)
-        shutil.rmtree(folder / "edges", ignore_errors=True)
+        remove_tree(folder / "state")
+        remove_tree(folder / "edges")
 
 
 # -- running the shards on Ray
@@ -957,11 +969,17 @@ def run_on_ray(config: ExtractConfig, storage: Storage) -> ExtractResult:
             remove_run(storage, run_id)
     shard_config = dataclasses.replace(config, ray=None, shards=None, overwrite=False, quiet=True)
     calls = [((to_dict(dataclasses.replace(shard_config, shard=f"{i}/{count}")),
-               storage_url(storage), os.getcwd()), {}) for i in range(count)]
+               storage.url, os.getcwd()), {}) for i in range(count)]
     results = cluster.run_tasks(
         extract_shard_task, calls, address=config.ray, device=config.device,
         desc=f"extract {run_id} shard", progress=config.progress,
         poll=lambda: shard_progress(storage, run_id, count))
+    # one finisher, whatever the storage: the shards of an object store on several machines
+    # share no lock
+    finish_config = to_dict(dataclasses.replace(shard_config, shard=None))
+    cluster.run_tasks(extract_shard_task, [((finish_config, storage.url,
+                                             os.getcwd()), {})],
+                      address=config.ray, device=config.device, desc="finish", progress=False)
     manifest = read_json(storage.run_manifest(run_id))
     if manifest.get("status") != "finished":
         raise RuntimeError(f"run {run_id}: every shard returned but the run is not finished "
@@ -969,17 +987,18 @@ def run_on_ray(config: ExtractConfig, storage: Storage) -> ExtractResult:
     return ExtractResult(run_id, storage.run_dir(run_id), manifest)
 
 
-def storage_url(storage: Storage) -> str:
-    """The root as another process names it (an absolute path, or the URL)."""
-    root = str(storage.root)
-    return root if "://" in root else os.path.abspath(root)
-
-
 def extract_shard_task(values: dict, root: str, cwd: str) -> dict:
-    """A Ray task: one shard of a run (relative paths of the command resolved from `cwd`)."""
+    """A Ray task: one shard of a run, left unfinished, or (no shard) the run's finish;
+    relative paths of the command resolve from `cwd`."""
     if os.path.isdir(cwd):
         os.chdir(cwd)
-    result = run(ExtractConfig(**values), Storage(root))
+    config, storage = ExtractConfig(**values), Storage(root)
+    if config.shard is None:
+        result = run(config, storage)
+    else:
+        p = plan(config, storage)
+        result = (run_shard(p, config, storage, finish_run=False) if p.status != "finished"
+                  else ExtractResult(p.run_id, storage.run_dir(p.run_id), p.existing))
     return {"shard": values["shard"], "waiting": result.waiting, "pid": os.getpid(),
             "host": platform.node()}
 
@@ -1027,6 +1046,8 @@ def run(config: ExtractConfig, storage: Storage) -> ExtractResult:
     p = plan(config, storage)
     if p.span is not None and p.status != "finished":
         return run_shard(p, config, storage)
+    if p.status == "resume" and p.existing.get("shards"):  # every shard done (check_sharding)
+        return finish_if_complete(p, config, storage, None)
     marker = storage.marker(p.run_id, "extract")
     if p.status == "finished":
         log.info("run %s is already finished with this configuration: nothing to do", p.run_id)
@@ -1291,7 +1312,7 @@ def finish(p: ExtractPlan, config: ExtractConfig, storage: Storage, manifest: di
     manifest["committed"]["state"] = None
     write_json(storage.run_manifest(p.run_id), manifest)
     if state:
-        shutil.rmtree(storage.run_dir(p.run_id) / "state", ignore_errors=True)
+        remove_tree(storage.run_dir(p.run_id) / "state")
 
 
 def _ids(p: ExtractPlan, l: int, width: int) -> dict[str, np.ndarray]:

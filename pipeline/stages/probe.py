@@ -39,7 +39,6 @@ from typing import Iterator
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 
 from pipeline.core import arrays, coact, tables
 from pipeline.core.config import Progress, Stage, at_least, config_hash, opt, to_dict
@@ -160,7 +159,7 @@ def read_tokens(storage: Storage, run: str, columns: list[str]) -> dict[str, np.
         raise UserError(f"run {run!r} has no tokens table: extract it again")
     import pyarrow as pa
 
-    table = pa.concat_tables([pq.read_table(p, columns=["row", *columns]) for p in parts])
+    table = pa.concat_tables([tables.read_parquet(p, columns=["row", *columns]) for p in parts])
     order = np.argsort(table["row"].to_numpy(), kind="stable")
     return {c: table[c].to_numpy(zero_copy_only=False)[order] for c in columns}
 

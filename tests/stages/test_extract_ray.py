@@ -3,7 +3,6 @@ also when a worker is killed mid-shard (Ray retries the task, which resumes its 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import signal
