@@ -226,9 +226,15 @@ def test_gradients_on_ray_equal_one_process_and_skip_saved_shards(unsharded, mic
     assert marker["shards"] == 3 and marker["timings"]["shards"][1] == before
 
 
+def parent_pid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
 def kill_mid_task(title: bytes, uncommitted, killed: list, seconds: float = 120.0) -> None:
-    """SIGKILL the first process whose title is `title` (Ray names a worker after the task it
-    runs) at a moment when `uncommitted()` holds: its task has not committed yet."""
+    """SIGKILL the first worker of this process's cluster (a child of the raylet this process
+    started) whose title is `title` (Ray names a worker after the task it runs), at a moment
+    when `uncommitted()` holds: its task has not committed yet."""
     end = time.monotonic() + seconds
     while time.monotonic() < end and not killed:
         for entry in os.scandir("/proc"):
@@ -236,10 +242,12 @@ def kill_mid_task(title: bytes, uncommitted, killed: list, seconds: float = 120.
                 continue
             try:
                 with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    running = f.read().startswith(title)
-            except OSError:
+                    if not f.read().startswith(title):
+                        continue
+                ours = parent_pid(parent_pid(int(entry.name))) == os.getpid()
+            except (OSError, ValueError, IndexError):
                 continue
-            if running and uncommitted():
+            if ours and uncommitted():
                 os.kill(int(entry.name), signal.SIGKILL)
                 killed.append(int(entry.name))
                 return
