@@ -105,13 +105,39 @@ def connect(address: str | None, num_cpus: int | None = None):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster on 127.0.0.1 only
     try:
         if address in (None, LOCAL):
-            ray.init(num_cpus=num_cpus, **kwargs)
+            # address "local": always a new cluster, never one that `ray start` left running
+            # on this machine (which a bare ray.init() would join)
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)
         else:
             ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UserError(f"cannot reach the Ray cluster at {address!r} ({e}): start it with "
                         "`ray start --head`, or pass --ray alone for a local one") from None
     return ray
+
+
+def task_root(root: str | os.PathLike) -> str:
+    """A storage root as a task sees it: a local path made absolute (a worker's working folder
+    need not be the driver's), a URL (s3://...) as it is."""
+    text = os.fspath(root)
+    return text if "://" in text else os.path.abspath(text)
+
+
+def resolve_on_workers(fn: Callable[..., Any], *args: Any, address: str | None,
+                       device: str = "cpu") -> Any:
+    """fn(*args) in one task with the resources of a stage's tasks: what a value resolves to
+    where the tasks run (the dtype of --device auto on a GPU worker led by a CPU driver)."""
+    return run_tasks(fn, [(args, {})], address=address, device=device, desc="resolve",
+                     progress=False)[0]
+
+
+def slots(ray, device: str) -> int:
+    """Tasks the cluster runs at once: one per GPU where the stage may use them, else one per
+    CPU (a stage's default number of shards)."""
+    resources = ray.cluster_resources()
+    if device != "cpu" and resources.get("GPU", 0) >= 1:
+        return int(resources["GPU"])
+    return max(1, int(resources.get("CPU", 1)))
 
 
 def task_resources(ray, device: str, tasks: int) -> dict[str, float]:
@@ -127,37 +153,72 @@ def task_resources(ray, device: str, tasks: int) -> dict[str, float]:
 def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple[tuple, dict]], *,
               address: str | None, device: str = "cpu", desc: str = "shards",
               poll: Callable[[], Sequence[tuple[int, int]]] | None = None,
-              progress: bool = True, retries: int = RETRIES) -> list[Any]:
+              progress: bool = True, retries: int = RETRIES,
+              resources: dict[str, float] | None = None) -> list[Any]:
     """Run fn(*args, **kwargs) of every call as a Ray task; results in call order.
+
+    `resources`: more of Ray's task options, e.g. {"memory": bytes} so that a node runs only
+    as many tasks at once as its memory holds.
 
     `poll()` returns (done, total) per call (read from what the tasks committed) and draws one
     progress bar per task. A task whose worker process dies is retried up to `retries` times
-    by Ray; an exception raised by `fn` (a UserError, a bug) is not retried and is raised here.
+    by Ray; an exception raised by `fn` (a UserError, a bug) is not retried: it is raised here
+    as soon as it happens, and the tasks still running are cancelled (what they committed
+    stays, so the same command resumes).
     """
     ray = connect(address)
-    options = {**task_resources(ray, device, len(calls)), "max_retries": retries,
-               "retry_exceptions": False}
+    options = {**task_resources(ray, device, len(calls)), **(resources or {}),
+               "max_retries": retries, "retry_exceptions": False}
     remote = ray.remote(fn).options(**options)
     futures = [remote.remote(*args, **kwargs) for args, kwargs in calls]
     log.info("%d %s on Ray (%s per task)", len(futures), desc,
-             ", ".join(f"{k}={v}" for k, v in options.items() if k.startswith("num_")))
+             ", ".join(f"{k}={v}" for k, v in options.items() if k.startswith("num_") or k == "memory"))
     bars = _bars(len(calls), desc) if progress and poll else []
     pending = list(futures)
     try:
         while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_SECONDS)
+            # return as soon as any task ends, so a failed one is raised at once
+            ready, pending = ray.wait(pending, num_returns=1, timeout=POLL_SECONDS)
+            _raise_failure(ray, ready)
             if bars:
-                _draw(bars, poll())
+                _draw(bars, _safe_poll(poll))
         if bars:
-            _draw(bars, poll())
-        try:
-            return ray.get(futures)
-        except ray.exceptions.RayTaskError as e:
-            cause = e.as_instanceof_cause()
-            raise cause from None
+            _draw(bars, _safe_poll(poll))
+        return ray.get(futures)
     finally:
+        for ref in pending:  # an error (or ^C) in the driver: stop the tasks it started
+            ray.cancel(ref, force=True)
         for bar in bars:
             bar.close()
+
+
+def _raise_failure(ray, ready: list) -> None:
+    """Raise the exception of the first failed task among `ready`: a UserError as the task
+    raised it (its one line, not the remote traceback), a dead worker beyond its retries as a
+    UserError, anything else with Ray's remote traceback."""
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, UserError):
+                raise e.cause from None
+            raise e.as_instanceof_cause() from None
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
+                ray.exceptions.NodeDiedError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"a task's worker died more often than its retries allow ({first}): "
+                            "committed work is kept; free memory (or give the task less) and "
+                            "run the same command again") from None
+
+
+def _safe_poll(poll: Callable[[], Sequence[tuple[int, int]]]) -> Sequence[tuple[int, int]]:
+    """The progress of every task, or none this time when reading it failed (a file being
+    replaced as it is read): progress is never a reason to stop a run."""
+    try:
+        return poll()
+    except Exception as e:  # noqa: BLE001 - progress must not end the run
+        log.debug("progress poll failed: %s", e)
+        return []
 
 
 def _bars(n: int, desc: str) -> list:

@@ -3,6 +3,7 @@
     nwh coactivation --run demo-corpus                    # every adjacent pair of recorded layers
     nwh coactivation --run demo-corpus --pairs 0:2,1:3    # other pairs
     nwh coactivation --run demo-corpus --engine sql       # the readable reference engine
+    nwh coactivation --run demo-corpus --ray              # one Ray task per pair
 
 C[i, j] = number of included token rows (tokens.included) where neuron i of layer a and neuron j of
 layer b are both active.
@@ -244,6 +245,10 @@ class CoactivationConfig(Progress):
                             f"(1..{MAX_CHUNK}; memory is one pair's matrix plus one block)",
                             hash=False)
     overwrite: bool = opt(False, help="recount pairs already counted", hash=False)
+    ray: str | None = opt(None, const="local", metavar="ADDRESS", hash=False,
+                          help="count the pairs as Ray tasks, one per pair (one GPU each where "
+                          "the cluster has GPUs): --ray alone starts a local cluster, --ray "
+                          "ADDRESS joins one (auto, host:port, ray://host:10001)")
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -322,7 +327,9 @@ def run(config: CoactivationConfig, storage: Storage) -> CoactivationResult:
     manifest = storage.finished_run(config.run)
     widths = coact.layer_widths(manifest)
     pairs = parse_pairs(config.pairs, list(widths))
-    engine, device = resolve_engine(config.engine, config.device)
+    # on Ray the engine resolves on each worker (a driver without a GPU may lead GPU workers)
+    engine, device = (config.engine, config.device) if config.ray is not None else \
+        resolve_engine(config.engine, config.device)
     group = arrays.open_group(storage.arrays(config.run))
     rows = int(manifest["rows"])
     digest = config_hash(config, pairs=pairs, rows=rows, extraction=manifest.get("config_hash"))
@@ -334,9 +341,12 @@ def run(config: CoactivationConfig, storage: Storage) -> CoactivationResult:
     for a, b in skipped:
         log.info("pair %d:%d of run %s is already counted: skipped (--overwrite recounts)",
                  a, b, config.run)
-    with tqdm(total=len(todo) * rows, unit="tok", unit_scale=True, disable=config.quiet,
-              desc=f"coactivation {config.run} ({engine})") as bar:
-        for a, b in todo:
+    on_ray = config.ray is not None and bool(todo)
+    if on_ray:  # the tasks count and store the pairs; the loop below has none left
+        engine = _count_on_ray(config, storage, group, todo, widths, rows)
+    with tqdm(total=len(todo) * rows, unit="tok", unit_scale=True,
+              disable=config.quiet or on_ray, desc=f"coactivation {config.run} ({engine})") as bar:
+        for a, b in [] if on_ray else todo:
             t0 = time.perf_counter()
             counts = count_pair(group, a, b, widths, rows, engine, device, config.chunk_tokens, bar)
             seconds = time.perf_counter() - t0
@@ -349,6 +359,42 @@ def run(config: CoactivationConfig, storage: Storage) -> CoactivationResult:
                      pairs=[list(p) for p in pairs], counted=[list(p) for p in todo])
     attrs = [{"layer_a": a, "layer_b": b, **group[arrays.pair_name(a, b)].attrs} for a, b in pairs]
     return CoactivationResult(config.run, attrs, todo, skipped)
+
+
+def _count_on_ray(config: CoactivationConfig, storage: Storage, group, todo, widths,
+                  rows: int) -> str:
+    """One Ray task per pair, each writing its own array coact/L<a>_L<b>; the engine and
+    device resolve on the worker, so --engine auto picks cuda where the task got a GPU."""
+    from pipeline.core import cluster
+
+    group.require_group("coact")  # made once here, not raced by the tasks' implicit parents
+    gpu = config.engine not in ("popcount", "sql") and config.device != "cpu"
+    path, names = storage.arrays(config.run), [arrays.pair_name(a, b) for a, b in todo]
+
+    def poll() -> list[tuple[int, int]]:  # a pair commits once, when its marker is set
+        current = arrays.open_group(path, mode="r")
+        return [(rows if _is_complete(current, n, rows) else 0, rows) for n in names]
+
+    engines = cluster.run_tasks(
+        count_pair_task, [((cluster.task_root(storage.root), config.run, a, b, widths, rows,
+                            config.engine, config.device, config.chunk_tokens), {})
+                           for a, b in todo],
+        address=config.ray, device="auto" if gpu else "cpu", desc=f"coactivation {config.run}",
+        poll=poll, progress=not config.quiet)
+    return ",".join(sorted(set(engines)))
+
+
+def count_pair_task(root: str, run: str, a: int, b: int, widths: dict[int, int], rows: int,
+                    engine: str, device: str, chunk_tokens: int) -> str:
+    """A Ray task: count and store one pair of a run, as the sequential loop does; returns the
+    engine it used. A retried task recounts its pair from the start."""
+    engine, device = resolve_engine(engine, device)
+    group = arrays.open_group(Storage(root).arrays(run))
+    t0 = time.perf_counter()
+    counts = count_pair(group, a, b, widths, rows, engine, device, chunk_tokens)
+    _store_pair(group, a, b, counts, rows, engine, chunk_tokens, time.perf_counter() - t0)
+    log.info("pair %d:%d of run %s counted on a Ray worker (%s)", a, b, run, engine)
+    return engine
 
 
 def _write_pairs_table(storage: Storage, run: str, group) -> None:
@@ -384,5 +430,6 @@ STAGES = [Stage(
     "  nwh coactivation --run demo-corpus\n"
     "  nwh coactivation --run demo-corpus --pairs 0:2,1:3 --engine sql\n"
     "  nwh coactivation --run demo-corpus --engine cuda --overwrite\n"
+    "  nwh coactivation --run demo-corpus --ray\n"
     "  nwh sql \"select * from coactivation_pairs\"\n",
     CoactivationConfig, run, show)]

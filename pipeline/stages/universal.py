@@ -3,6 +3,7 @@
     nwh universal --models zoo-s0 zoo-s1 zoo-s2
     nwh universal --models zoo-s0 zoo-s1 --baseline permutation --rule per-model --threshold 0.3
     nwh universal --models gpt2-a gpt2-b --cache none --block-memory 16
+    nwh universal --models zoo-s0 zoo-s1 zoo-s2 --ray        # on a local Ray cluster
 
 Universal neurons as Gurnee et al. (2024, github.com/wesg52/universal-neurons) define them. The
 same token windows go through every model (their tokenizers must agree); the rows of --exclude
@@ -33,6 +34,14 @@ baseline matrix of its layers once (passes go by B's layer, so a layer's baselin
 pass or few). Each pair's block is written to corr/m<i>/L<a>_L<b> (float32; not with
 --no-save-blocks) and folded into the per-neuron maxima at once.
 
+On Ray (--ray [ADDRESS]): the cache is built by one task per model, then every pass is a task
+(one GPU each where the cluster has GPUs, and Ray `memory` of --block-memory, so a node runs
+only as many passes at once as its memory holds); with a cache, passes are split further until
+there are as many as the cluster runs at once (their pairs and order unchanged, so the result
+is too). Without a cache a pass recomputes the forwards of its two models and loads them in
+its task, so passes are not split. The tasks read and write the result's arrays folder, so
+every worker must reach the storage root. The driver folds the passes' maxima in one order.
+
 The reference's weight and activation properties go to `neuron_properties` under the result
 name, their means per group to `universal_properties`. The arrays folder appears whole (written
 under a temporary name); a rerun with the same config reads the stored result
@@ -41,11 +50,13 @@ under a temporary name); a rerun with the same config reads the stored result
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import logging
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -108,6 +119,11 @@ class UniversalConfig(ModelOptions, WindowOptions, RowFilter, Progress):
                             "corr/m<i>/L<a>_L<b> (float32)")
     name: str | None = opt(None, help="result name (default: slug of the models)")
     overwrite: bool = opt(False, help="recompute a finished result", hash=False)
+    ray: str | None = opt(None, const="local", metavar="ADDRESS", hash=False,
+                          help="build the cache (one task per model) and run the passes (one "
+                          "task each, one GPU each where the cluster has GPUs) as Ray tasks: "
+                          "--ray alone starts a local cluster, --ray ADDRESS joins one; "
+                          "--block-memory is then per task")
     # ModelOptions with other meanings here: every model of --models loads at --revision
     model: str | None = opt(None, help="the reference model (the first of --models)", cli=False)
     revision: str | None = opt(None, help="checkpoint of every model: zoo subfolder (step256) "
@@ -219,22 +235,29 @@ def run(config: UniversalConfig, storage: Storage) -> UniversalResult:
     from pipeline.models.loading import dtype_name
 
     name = config.result_name
-    key = config_hash(config, dtype=dtype_name(config.device, config.dtype),
-                      corpus_file=input_fingerprint(config.corpus))
+    # on Ray the dtype is the one the tasks resolve where they run (bfloat16 on a GPU worker
+    # led by a driver without one)
+    dtype = dtype_name(config.device, config.dtype) if config.ray is None else \
+        _resolve_on_workers(config, dtype_name, config.device, config.dtype)
+    key = config_hash(config, dtype=dtype, corpus_file=input_fingerprint(config.corpus))
     marker = storage.marker(name, "universal")
     if not config.overwrite and marker.done(key):
         return stored_result(storage, name)
     storage.ensure_writable()
-    models = Models(config, storage)
+    models = Models(_driver_config(config), storage)
     windows, batches = token_batches(config, models.get(0))
     with atomic_path(storage.arrays(name)) as tmp:
         group = arrays.open_group(tmp, mode="w")
-        if config.cache == "none":
-            source = Forwards(config, models, windows, batches)
+        if config.ray is not None:
+            summary, passes, moments, cache_bytes = correlate_on_ray(
+                config, storage, group, tmp, models, windows, batches)
         else:
-            source = Cache(config, models, windows, batches, group)
-        summary, passes = correlate(config, group, source, models.info)
-        cache_bytes = source.nbytes
+            if config.cache == "none":
+                source = Forwards(config, models, windows, batches)
+            else:
+                source = Cache(config, models, windows, batches, group)
+            summary, passes = correlate(config, group, source, models.info)
+            moments, cache_bytes = source.moments, source.nbytes
         shutil.rmtree(tmp / "cache", ignore_errors=True)  # the cache is spent
     neurons = universal_neurons(summary, config.threshold, config.rule, config.min_models)
     # the result carries its name and the reference model beside the partition, as gradients do
@@ -243,7 +266,7 @@ def run(config: UniversalConfig, storage: Storage) -> UniversalResult:
     summary = summary.with_columns(origin).select(tables.schema("correlation_summary").names)
     neurons = neurons.with_columns(origin).select(tables.schema("universal_neurons").names)
     properties = models.weights.join(
-        activation_properties(source.moments, models.info[0]["offsets"]),
+        activation_properties(moments, models.info[0]["offsets"]),
         on="neuron_id").sort("neuron_id")
     tables.write_part(storage, "correlation_summary", name, summary.to_arrow())
     tables.write_part(storage, "universal_neurons", name, neurons.to_arrow())
@@ -257,6 +280,22 @@ def run(config: UniversalConfig, storage: Storage) -> UniversalResult:
     marker.write(to_dict(config), key, neurons=neurons.height,
                  universal=int(neurons["universal"].sum()), **info)
     return result
+
+
+def _resolve_on_workers(config: UniversalConfig, fn, *args):
+    from pipeline.core import cluster
+
+    return cluster.resolve_on_workers(fn, *args, address=config.ray, device=config.device)
+
+
+def _driver_config(config: UniversalConfig) -> UniversalConfig:
+    """The config of the driver's own loads (tokenizer checks, widths, weight properties): on
+    Ray a driver without the GPU that --device names loads on the CPU, its tasks on theirs."""
+    if config.ray is None or config.device in ("auto", "cpu"):
+        return config
+    import torch
+
+    return config if torch.cuda.is_available() else dataclasses.replace(config, device="cpu")
 
 
 def _result(name: str, summary: pl.DataFrame, neurons: pl.DataFrame, properties: pl.DataFrame,
@@ -289,12 +328,15 @@ class Models:
     """The models of --models, loaded on demand: the reference stays, at most one other is held.
     Every tokenizer is checked against the reference's before any forward."""
 
-    def __init__(self, config: UniversalConfig, storage: Storage):
+    def __init__(self, config: UniversalConfig, storage: Storage, info: list[dict] | None = None):
+        """`info` (of a driver's Models): a Ray task's holder, which loads only what it uses."""
         from pipeline.models.weights import weight_properties
 
         self.config, self.storage = config, storage
         self.loaded: dict = {}
-        self.info: list[dict] = []
+        self.info: list[dict] = info or []
+        if info is not None:
+            return
         for index, name in enumerate(config.models):
             loaded = self.get(index)
             if any(getattr(s, "expert", None) is not None for s in loaded.sites):
@@ -320,6 +362,11 @@ class Models:
                                             storage=self.storage, for_generation=False,
                                             **self.config.model_kwargs())
         return self.loaded[index]
+
+    def release(self) -> None:
+        """Drop every loaded model (the driver of Ray tasks, which load their own)."""
+        self.loaded.clear()
+        gc.collect()
 
 
 def _same_tokenizer(ref, other) -> None:
@@ -433,9 +480,10 @@ class Forwards(_Source):
     """--cache none: every pass runs the forwards of its two models again. The reference's
     moments are taken the first time each layer goes by."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, fresh=None):
         super().__init__(*args)
-        self._fresh = set(self.moments)
+        # a Ray task takes the moments of the layers whose first pass it runs
+        self._fresh = set(self.moments) if fresh is None else set(fresh)
 
     def acts(self, index: int, k: int, layers) -> dict:
         out = self.forward(index, k, layers)
@@ -452,37 +500,44 @@ class Cache(_Source):
     """--cache float16/float32: every model's activations of the included rows, written once to
     cache/m<i>/L<l> [rows, width] (uncompressed: activations compress ~1.1x) and read per pass."""
 
-    def __init__(self, config, models, windows, batches, group):
-        from tqdm.auto import tqdm
-
+    def __init__(self, config, models, windows, batches, group, build: bool = True):
+        """`build=False`: a reader of a cache that Ray tasks build (`build(index)` each)."""
         super().__init__(config, models, windows, batches)
         self.group = group
+        if build:
+            for index in [0, *range(len(models.info) - 1, 0, -1)]:  # the model held last first
+                self.build(index)
+
+    def build(self, index: int) -> None:
+        """Write the cache of model `index` (the reference's moments too, for model 0)."""
+        from tqdm.auto import tqdm
+
+        config, batches, group = self.config, self.batches, self.group
         rows = max(batches.rows, 1)
-        order = [0, *range(len(models.info) - 1, 0, -1)]  # the model held last goes first
-        for index in order:
-            info = models.info[index]
-            arrs = {l: group.create_array(name=f"cache/{info['key']}/L{l}", shape=(rows, w),
-                                          dtype=config.cache, chunks=(min(CHUNK_ROWS, rows), w),
-                                          compressors=None)
-                    for l, w in enumerate(info["widths"])}
-            for k in tqdm(range(batches.count), disable=config.quiet,
-                          desc=f"activations {info['name']}"):
-                start, stop = batches.starts[k], batches.starts[k + 1]
-                if stop == start:
-                    continue
-                out = self.forward(index, k, list(arrs))
-                for l, arr in arrs.items():
-                    if index == 0:
-                        self.moments[l].update(out[l])
-                    block = out[l]
-                    if config.cache == "float16":
-                        top = float(block.abs().max())
-                        if top > FLOAT16_MAX:
-                            raise UserError(f"model {info['name']!r} layer {l} has activations "
-                                            f"beyond the float16 range (|a| up to {top:.4g}): "
-                                            "use --cache float32 or --cache none")
-                    arr[start:stop] = block.cpu().numpy().astype(config.cache)
-            self.nbytes += sum(a.nbytes for a in arrs.values())
+        info = self.models.info[index]
+        # overwrite: a Ray task retried after its worker died writes its arrays anew
+        arrs = {l: group.create_array(name=f"cache/{info['key']}/L{l}", shape=(rows, w),
+                                      dtype=config.cache, chunks=(min(CHUNK_ROWS, rows), w),
+                                      compressors=None, overwrite=True)
+                for l, w in enumerate(info["widths"])}
+        for k in tqdm(range(batches.count), disable=config.quiet,
+                      desc=f"activations {info['name']}"):
+            start, stop = batches.starts[k], batches.starts[k + 1]
+            if stop == start:
+                continue
+            out = self.forward(index, k, list(arrs))
+            for l, arr in arrs.items():
+                if index == 0:
+                    self.moments[l].update(out[l])
+                block = out[l]
+                if config.cache == "float16":
+                    top = float(block.abs().max())
+                    if top > FLOAT16_MAX:
+                        raise UserError(f"model {info['name']!r} layer {l} has activations "
+                                        f"beyond the float16 range (|a| up to {top:.4g}): "
+                                        "use --cache float32 or --cache none")
+                arr[start:stop] = block.cpu().numpy().astype(config.cache)
+        self.nbytes += sum(a.nbytes for a in arrs.values())
 
     def acts(self, index: int, k: int, layers) -> dict:
         import torch
@@ -526,6 +581,16 @@ def plan_passes(widths_a: list[int], widths_b: list[int], *, budget: float, max_
     return passes
 
 
+def plans_of(config: UniversalConfig, models: list[dict], max_rows: int,
+             budget: float | None = None) -> dict[int, list[list[tuple[int, int]]]]:
+    """The passes of every other model (by model index), at most `budget` bytes each."""
+    ref = models[0]
+    mixing = config.baseline in ("rotation", "orthogonal")
+    budget = config.block_memory * GB if budget is None else budget
+    return {m["index"]: plan_passes(ref["widths"], m["widths"], budget=budget,
+                                    max_rows=max_rows, mixing=mixing) for m in models[1:]}
+
+
 def correlate(config: UniversalConfig, group, source: _Source,
               models: list[dict]) -> tuple[pl.DataFrame, int]:
     """correlation_summary (per reference neuron and other model: its best match and the
@@ -534,53 +599,187 @@ def correlate(config: UniversalConfig, group, source: _Source,
     from tqdm.auto import tqdm
 
     ref, others = models[0], models[1:]
-    total = sum(ref["widths"])
-    mixing = config.baseline in ("rotation", "orthogonal")
-    plans = {m["index"]: plan_passes(ref["widths"], m["widths"], budget=config.block_memory * GB,
-                                     max_rows=source.batches.max_rows, mixing=mixing)
-             for m in others}
+    plans = plans_of(config, models, source.batches.max_rows)
     n_passes = sum(len(p) for p in plans.values())
     bar = tqdm(total=n_passes * source.batches.rows, disable=config.quiet, desc="correlations",
                unit="tok", unit_scale=True)
     frames = {}
     for m in reversed(others):  # the model held last goes first
-        best = {"max": np.full(total, -np.inf), "layer": np.zeros(total, np.int32),
-                "neuron": np.zeros(total, np.int32), "base": np.full(total, -np.inf)}
+        best = new_best(sum(ref["widths"]))
         for pairs in plans[m["index"]]:
-            real, base = run_pass(config, source, m, pairs, bar)
-            for (la, lb) in pairs:
-                corr = real.pop((la, lb)).correlation(spend=True)
-                base_max = base.pop((la, lb)).correlation(spend=True).max(1)
-                if config.save_blocks:
-                    # uncompressed: correlations compress ~1.1x and zstd costs more than the
-                    # pair's finalisation
-                    group.create_array(name=f"corr/{m['key']}/L{la}_L{lb}", shape=corr.shape,
-                                       dtype="float32", chunks=corr.shape, compressors=None,
-                                       )[:] = corr.astype(np.float32)
-                sl = slice(ref["offsets"][la], ref["offsets"][la] + ref["widths"][la])
-                top = corr.max(1)
-                better = top > best["max"][sl]
-                best["max"][sl] = np.where(better, top, best["max"][sl])
-                best["layer"][sl] = np.where(better, lb, best["layer"][sl])
-                best["neuron"][sl] = np.where(better, corr.argmax(1), best["neuron"][sl])
-                best["base"][sl] = np.maximum(best["base"][sl], base_max)
-            del real, base
+            fold(best, ref, pass_blocks(config, group, source, m, pairs, bar))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         frames[m["index"]] = best
     bar.close()
+    return summary_frame(ref, others, frames), n_passes
+
+
+def pass_blocks(config: UniversalConfig, group, source: _Source, m: dict, pairs,
+                bar=None) -> list[tuple]:
+    """One pass: per pair (la, lb) its block written to corr/<key>/L<a>_L<b> (unless
+    --no-save-blocks) and, per reference neuron of la, the max correlation over lb's neurons,
+    its argmax and the baseline's max: (la, lb, top, argmax, base_max)."""
+    real, base = run_pass(config, source, m, pairs, bar)
+    out = []
+    for (la, lb) in pairs:
+        corr = real.pop((la, lb)).correlation(spend=True)
+        base_max = base.pop((la, lb)).correlation(spend=True).max(1)
+        if config.save_blocks:
+            # uncompressed: correlations compress ~1.1x and zstd costs more than the pair's
+            # finalisation; overwrite: a retried Ray task writes its blocks anew
+            group.create_array(name=f"corr/{m['key']}/L{la}_L{lb}", shape=corr.shape,
+                               dtype="float32", chunks=corr.shape, compressors=None,
+                               overwrite=True)[:] = corr.astype(np.float32)
+        out.append((la, lb, corr.max(1), corr.argmax(1), base_max))
+    return out
+
+
+def new_best(total: int) -> dict[str, np.ndarray]:
+    return {"max": np.full(total, -np.inf), "layer": np.zeros(total, np.int32),
+            "neuron": np.zeros(total, np.int32), "base": np.full(total, -np.inf)}
+
+
+def fold(best: dict, ref: dict, blocks: list[tuple]) -> None:
+    """Fold a pass's per-pair maxima into one model's per-neuron best (in pass order: a tie
+    keeps the earlier pair, as one loop over the pairs would)."""
+    for la, lb, top, argmax, base_max in blocks:
+        sl = slice(ref["offsets"][la], ref["offsets"][la] + ref["widths"][la])
+        better = top > best["max"][sl]
+        best["max"][sl] = np.where(better, top, best["max"][sl])
+        best["layer"][sl] = np.where(better, lb, best["layer"][sl])
+        best["neuron"][sl] = np.where(better, argmax, best["neuron"][sl])
+        best["base"][sl] = np.maximum(best["base"][sl], base_max)
+
+
+def summary_frame(ref: dict, others: list[dict], frames: dict) -> pl.DataFrame:
+    total = sum(ref["widths"])
     layer = np.repeat(np.arange(len(ref["widths"]), dtype=np.int32), ref["widths"])
     neuron = np.concatenate([np.arange(w, dtype=np.int32) for w in ref["widths"]])
-    summary = pl.concat([pl.DataFrame({
+    return pl.concat([pl.DataFrame({
         "neuron_id": np.arange(total, dtype=np.int64), "layer": layer, "neuron": neuron,
         "model_b": m["name"], "max_corr": frames[m["index"]]["max"],
         "argmax_layer": frames[m["index"]]["layer"], "argmax_neuron": frames[m["index"]]["neuron"],
         "baseline_max": frames[m["index"]]["base"],
         "excess": frames[m["index"]]["max"] - frames[m["index"]]["base"]}) for m in others])
-    return summary, n_passes
 
 
-def run_pass(config: UniversalConfig, source: _Source, m: dict, pairs, bar) -> tuple[dict, dict]:
+# -- on Ray: the cache as one task per model, the passes as one task each
+
+
+def correlate_on_ray(config: UniversalConfig, storage: Storage, group, tmp, models: Models,
+                     windows, batches: Batches) -> tuple[pl.DataFrame, int, dict, int]:
+    """(summary, passes, the reference's moments, cache bytes), computed by Ray tasks that
+    read and write the result's arrays folder `tmp` (a storage root every worker reaches);
+    the driver folds the passes' maxima in the order of one process, so the result is the
+    same whatever runs where."""
+    from pipeline.core import cluster
+
+    ray = cluster.connect(config.ray)
+    info, ref, others = models.info, models.info[0], models.info[1:]
+    models.release()  # the tasks load their own
+    windows_ref, batches_ref = ray.put(windows), ray.put(batches)
+    gpu = config.device != "cpu"
+    slots = cluster.slots(ray, config.device)
+    plans = ray_plans(config, info, batches.max_rows, slots)
+    cache_bytes, moments = 0, {}
+    common = (config, cluster.task_root(storage.root), cluster.task_root(tmp), info)
+    if config.cache != "none":
+        for m in info:
+            group.require_group(f"cache/{m['key']}")  # parents made once, not raced
+        built = cluster.run_tasks(
+            universal_cache_task, [((*common, m["index"], windows_ref, batches_ref), {})
+                                   for m in info],
+            address=config.ray, device="auto" if gpu else "cpu", desc="activations",
+            progress=False)
+        cache_bytes, moments = sum(b[0] for b in built), built[0][1]
+    order = [(m, pairs) for m in reversed(others) for pairs in plans[m["index"]]]
+    fresh, seen = [], set()
+    for _, pairs in order:  # the pass that reads a reference layer first takes its moments
+        layers = sorted({la for la, _ in pairs} - seen) if config.cache == "none" else []
+        fresh.append(layers)
+        seen.update(layers)
+    for m in others:
+        group.require_group(f"corr/{m['key']}")
+    rows = batches.rows
+
+    def poll() -> list[tuple[int, int]]:  # a pass commits its blocks one by one
+        if not config.save_blocks:
+            return [(0, rows) for _ in order]
+        current = arrays.open_group(tmp, mode="r")
+        return [(rows * sum(f"corr/{m['key']}/L{la}_L{lb}" in current for la, lb in pairs)
+                 // len(pairs), rows) for m, pairs in order]
+
+    # a pass's sums and batches; never more than the cluster has, or no node could run it
+    memory = int(min(config.block_memory * GB, ray.cluster_resources().get("memory", np.inf)))
+    outs = cluster.run_tasks(
+        universal_pass_task, [((*common, m["index"], pairs, windows_ref, batches_ref, layers), {})
+                              for (m, pairs), layers in zip(order, fresh)],
+        address=config.ray, device="auto" if gpu else "cpu", desc="passes", poll=poll,
+        progress=not config.quiet, resources={"memory": memory})
+    frames = {m["index"]: new_best(sum(ref["widths"])) for m in others}
+    for (m, _), (blocks, taken) in zip(order, outs):
+        fold(frames[m["index"]], ref, blocks)
+        moments.update(taken)
+    return summary_frame(ref, others, frames), len(order), dict(sorted(moments.items())), \
+        cache_bytes
+
+
+def ray_plans(config: UniversalConfig, models: list[dict], max_rows: int,
+              slots: int) -> dict[int, list[list[tuple[int, int]]]]:
+    """The passes of --block-memory, split further (halving the budget) until there are at
+    least as many as the cluster runs at once or each holds one pair. Only with a cache: a
+    pass without one recomputes both models' forwards, so more passes cost more forwards.
+    The result does not depend on the split: each pair's sums are its own and the driver
+    folds the pairs in one order."""
+    budget = config.block_memory * GB
+    plans = plans_of(config, models, max_rows, budget)
+    if config.cache == "none":
+        return plans
+    pairs = sum(len(p) for plan in plans.values() for p in plan)
+    while sum(len(p) for p in plans.values()) < min(slots, pairs):
+        budget /= 2
+        plans = plans_of(config, models, max_rows, budget)
+    return plans
+
+
+def _task_source(config: UniversalConfig, root: str, group, info: list[dict], windows,
+                 batches: Batches, fresh=None) -> _Source:
+    models = Models(config, Storage(root), info=info)
+    if config.cache == "none":
+        return Forwards(config, models, windows, batches, fresh=fresh)
+    return Cache(config, models, windows, batches, group, build=False)
+
+
+def _synced(moments: dict, layers) -> dict:
+    """The moments of `layers`, their device partial sums folded in (they travel to the
+    driver)."""
+    for l in layers:
+        moments[l]._sync()
+    return {l: moments[l] for l in layers}
+
+
+def universal_cache_task(config: UniversalConfig, root: str, tmp: str, info: list[dict],
+                         index: int, windows, batches: Batches) -> tuple[int, dict]:
+    """A Ray task: the cache of model `index`; (bytes, the reference's moments for model 0)."""
+    source = _task_source(dataclasses.replace(config, quiet=True), root,
+                          arrays.open_group(Path(tmp)), info, windows, batches)
+    source.build(index)
+    return source.nbytes, _synced(source.moments, source.moments) if index == 0 else {}
+
+
+def universal_pass_task(config: UniversalConfig, root: str, tmp: str, info: list[dict],
+                        index: int, pairs, windows, batches: Batches,
+                        fresh: list[int]) -> tuple[list[tuple], dict]:
+    """A Ray task: one pass of model `index` against the reference (pass_blocks); with
+    --cache none also the reference's moments of the layers in `fresh`."""
+    group = arrays.open_group(Path(tmp))
+    source = _task_source(config, root, group, info, windows, batches, fresh)
+    return pass_blocks(config, group, source, info[index], pairs), _synced(source.moments, fresh)
+
+
+def run_pass(config: UniversalConfig, source: _Source, m: dict, pairs,
+             bar=None) -> tuple[dict, dict]:
     """The real and baseline sums of `pairs` (layer of the reference, layer of model m) over
     every batch: each layer is read or computed once per batch, each matrix built once."""
     import torch
@@ -598,7 +797,8 @@ def run_pass(config: UniversalConfig, source: _Source, m: dict, pairs, bar) -> t
             mixers[lb] = torch.from_numpy(mat.astype(np.float32))
     for k in range(source.batches.count):
         rows = int(source.batches.starts[k + 1] - source.batches.starts[k])
-        bar.update(rows)
+        if bar is not None:
+            bar.update(rows)
         if rows == 0:
             continue
         a = source.acts(0, k, la_layers)
@@ -665,5 +865,6 @@ STAGES = [Stage(
     "  nwh universal --models zoo-s0 zoo-s1 --baseline permutation --rule per-model "
     "--threshold 0.3\n"
     "  nwh universal --models zoo-s0 zoo-s1 --cache none --block-memory 1\n"
+    "  nwh universal --models zoo-s0 zoo-s1 zoo-s2 --ray\n"
     "  nwh sql \"select * from universal_neurons where universal order by excess desc\"\n",
     UniversalConfig, run, show, figures="pipeline.report.universal:draw")]
