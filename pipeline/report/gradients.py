@@ -22,6 +22,8 @@ LABELS = {"neuron": ("a", "neuron"), "sae_feature": ("f", "SAE feature"),
 
 
 def draw(result, config, storage) -> list[Path]:
+    if result.frame.is_empty():
+        return []  # a shard whose result is not written yet
     out = storage.reports(result.name)
     kind = result.frame["kind"][0]
     layers = {l: part.sort("neuron") for (l,), part in

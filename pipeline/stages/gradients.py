@@ -45,7 +45,6 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +71,8 @@ from pipeline.core.storage import (
     atomic_path,
     finished_marker,
     marker_path,
+    remove_file,
+    remove_tree,
     slug,
     write_json,
 )
@@ -370,7 +371,7 @@ def save_shard(path: Path, part: ShardSums) -> None:
 
 
 def load_shard(path: Path) -> ShardSums:
-    with np.load(path, allow_pickle=False) as z:
+    with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
         meta = json.loads(str(z["meta"]))
         sums = {int(k.split("_", 1)[1]): z[k] for k in z.files if k.startswith("layer_")}
         return ShardSums(sums, int(z["positions"]), meta)
@@ -399,7 +400,7 @@ def _run_shard(config: GradientConfig, storage: Storage, key: str, shard: Shard)
     storage.ensure_writable()
     path = shard_dir(storage, config, key) / f"{shard.name}.npz"
     if config.overwrite and path.exists():
-        path.unlink()
+        remove_file(path)
     elif path.exists():
         log.info("gradients %s: shard %s has its sums already: not recomputed", name, shard)
     gradient_shard_task(config, str(storage.root), key, shard.index, shard.count)
@@ -447,7 +448,7 @@ def _finish_shards(config: GradientConfig, storage: Storage, key: str, count: in
 def _finish_from(config, storage, marker, key: str, directory: Path, count: int) -> GradientResult:
     parts = [load_shard(directory / f"{Shard(k, count).name}.npz") for k in range(count)]
     result = _finish(config, storage, marker, key, parts)
-    shutil.rmtree(directory, ignore_errors=True)  # the result holds them now
+    remove_tree(directory)  # the result holds them now
     try:
         directory.parent.rmdir()  # shards/ of the result, unless another config's are there
     except OSError:
@@ -465,7 +466,7 @@ def _run_on_ray(config: GradientConfig, storage: Storage, key: str) -> GradientR
     count = config.shards or cluster.slots(ray, config.device)
     directory = shard_dir(storage, config, key)
     if config.overwrite:
-        shutil.rmtree(directory, ignore_errors=True)
+        remove_tree(directory)
     todo = _missing(directory, count)
     if len(todo) < count:
         log.info("gradients %s: %d of %d shards have their sums already: not recomputed",
@@ -624,7 +625,8 @@ def _save(config, storage, meta, results, frame, positions, timings) -> None:
 def load_gradient_results(directory: str | Path) -> dict:
     """Saved results: {"metadata": dict, "arrays": {"layer_L_mode": ndarray}}."""
     directory = Path(directory)
-    with np.load(directory / "consolidated_results.npz", allow_pickle=False) as z:
+    with (directory / "consolidated_results.npz").open("rb") as f, \
+            np.load(f, allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}
     return {"metadata": json.loads((directory / "metadata.json").read_text()), "arrays": arrays}
 
