@@ -41,7 +41,7 @@ def big_corpus(tmp_path_factory):
 
 
 def _config(model_dir, corpus, **kw):
-    return ExtractConfig(**{**dict(model=str(model_dir), corpus=str(corpus), num_samples=480,
+    return ExtractConfig(**{**dict(model=str(model_dir), corpus=str(corpus), num_samples=200,
                                    max_length=32, batch_size=2, chunk_tokens=64,
                                    commit_seconds=0, run="r", quiet=True), **kw})
 

@@ -82,7 +82,7 @@ def _same(remote: Storage, local: Storage, run: str) -> None:
 def test_kill_9_mid_commit_on_s3_resumes_exactly(tmp_path, s3_url, micro_model_dir,
                                                  corpus_file):
     args = ["extract", "--model", str(micro_model_dir), "--corpus", str(corpus_file),
-            "--num-samples", "24", "--max-length", "16", "--batch-size", "1",
+            "--num-samples", "12", "--max-length", "16", "--batch-size", "1",
             "--chunk-tokens", "16", "--commit-seconds", "0", "--run", "k", "--quiet",
             "--store-acts"]
     local = Storage(tmp_path / "ref")
@@ -90,16 +90,16 @@ def test_kill_9_mid_commit_on_s3_resumes_exactly(tmp_path, s3_url, micro_model_d
                    check=True, capture_output=True)
     script = tmp_path / "kill_at_commit.py"
     script.write_text(extract_tests.KILL_AT_COMMIT)
-    env = {**os.environ, "KILL_AT": "6"}
+    env = {**os.environ, "KILL_AT": "4"}
     proc = subprocess.run([sys.executable, str(script), *args, "--storage", s3_url], env=env,
                           capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
     remote = Storage(s3_url)
     m = read_json(remote.run_manifest("k"))
-    assert m["status"] == "running" and m["committed"]["rows"] == 5 * 16
+    assert m["status"] == "running" and m["committed"]["rows"] == 3 * 16
     out = subprocess.run([sys.executable, "-m", "pipeline", *args, "--storage", s3_url],
                          check=True, capture_output=True, text=True)
-    assert "24 sequences" in out.stdout
+    assert "12 sequences" in out.stdout
     _same(remote, local, "k")
 
 
@@ -128,8 +128,8 @@ def test_shards_on_s3_equal_one_local_run(tmp_path, s3_url, micro_model_dir, cor
 
 def test_ray_shards_to_s3_with_a_killed_worker(tmp_path, s3_url, micro_model_dir, corpus_file):
     ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
-    config = shards_tests._corpus_config(micro_model_dir, corpus_file, num_samples=160,
-                                         store_acts=False, chunk_tokens=32)
+    config = shards_tests._corpus_config(micro_model_dir, corpus_file, num_samples=64,
+                                         store_acts=False, chunk_tokens=64)
     local = Storage(tmp_path / "ref")
     extract(config, local)
     remote = Storage(s3_url)
