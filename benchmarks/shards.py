@@ -8,7 +8,8 @@
 Each count runs `nwh extract --ray --shards N` (masks + stats) on one local Ray cluster of as
 many CPUs as the largest count, on a random gpt2-small-shaped model (--small: a 4-layer, 256-wide
 one), the same windows every time. Prints wall time (launch to finished run, Ray start-up
-excluded), tokens/s, the ratio to 1 shard, and the bytes the run wrote per token, from which the
+excluded: model loads in the workers and the merge included), tokens/s, the ratio to 1 shard, the
+rate inside the shards' loops (summed over shards), and the bytes the run wrote per token, from which the
 object-store bandwidth of many GPUs follows (printed for 64 GPUs at a given per-GPU rate).
 """
 
@@ -23,7 +24,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from pipeline.core.storage import Storage  # noqa: E402
 from pipeline.models.micro import save_random_gpt2, synthetic_texts  # noqa: E402
@@ -35,18 +35,13 @@ GPT2_SMALL = dict(n_layer=12, d_model=768, n_head=12, d_mlp=3072, n_positions=10
 SMALL = dict(n_layer=4, d_model=256, n_head=4, d_mlp=1024, n_positions=512, vocab_size=50257)
 
 
-def start_s3() -> tuple[object, str]:
-    """A moto S3 server on 127.0.0.1 with a bucket; (server, s3:// root)."""
-    import boto3
-    from moto.server import ThreadedMotoServer
+def start_s3():
+    """tests/s3_server.py's moto server on 127.0.0.1 with a bucket (its environment set)."""
+    import importlib.util
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    boto3.client("s3").create_bucket(Bucket="nwh-bench")
-    return server, "s3://nwh-bench/warehouse"
+    spec = importlib.util.spec_from_file_location("s3_server", ROOT / "tests" / "s3_server.py")
+    spec.loader.exec_module(servers := importlib.util.module_from_spec(spec))
+    return servers.s3_server(), f"s3://{servers.BUCKET}/warehouse"
 
 
 def written_bytes(storage: Storage, run: str) -> int:
@@ -83,6 +78,7 @@ def main() -> None:
     server = None
     if args.s3:
         server, root = start_s3()
+        server.__enter__()
     else:
         root = args.storage or str(work / "storage")
     storage = Storage(root)
@@ -90,8 +86,8 @@ def main() -> None:
     ray.init(num_cpus=max(args.shards), include_dashboard=False, log_to_driver=False)
     print(f"# {torch.get_num_threads()} torch threads in the driver, {os.cpu_count()} CPUs; "
           f"root {root}; {args.tokens} tokens per run")
-    print("| shards | wall s | tok/s | vs 1 shard | bytes/token |")
-    print("|---|---|---|---|---|")
+    print("| shards | wall s | tok/s | vs 1 shard | in-shard tok/s | bytes/token |")
+    print("|---|---|---|---|---|---|")
     base = None
     for n in args.shards:
         run = f"shards-{n}"
@@ -106,13 +102,15 @@ def main() -> None:
         rate = manifest["rows"] / wall
         base = base or rate
         per_token = written_bytes(storage, run) / manifest["rows"]
-        print(f"| {n} | {wall:.1f} | {rate:,.0f} | {rate / base:.2f} | {per_token:,.0f} |")
+        inside = manifest["rows"] / max(manifest["timings"]["seconds"], 1e-9) * n
+        print(f"| {n} | {wall:.1f} | {rate:,.0f} | {rate / base:.2f} | {inside:,.0f} | "
+              f"{per_token:,.0f} |")
     per_gpu = args.gpu_rate * per_token
     print(f"\n64 GPUs at {args.gpu_rate:,.0f} tok/s each, {per_token:,.0f} B/token (masks + "
           f"stats, compressed): {64 * per_gpu / 1e9:.1f} GB/s into the store")
     ray.shutdown()
     if server is not None:
-        server.stop()
+        server.__exit__(None, None, None)
 
 
 if __name__ == "__main__":
