@@ -399,3 +399,12 @@ def _moments_and_pack_routed(x, key, thr, rows, routed, shift, sums, mn, mx, act
             mx[j0 + k] = max(mx[j0 + k], hi[k])
             act[j0 + k] += ac[k]
             cnt[j0 + k] += nc[k]
+
+
+def warm() -> None:
+    """Load the dense moments kernel's machine code now (numba reads its cache at the first
+    call, ~0.5-1 s), so that the timed loop does not pay for it."""
+    x = np.zeros((0, 1), np.float32)
+    _moments_and_pack_dense(x, x, np.float32(0), np.zeros(0, np.uint8), np.zeros(1),
+                            np.zeros((6, 1)), np.zeros(1), np.zeros(1), np.zeros(1, np.int64),
+                            np.zeros(1, np.int64), np.zeros((0, 1), np.uint8))
