@@ -3,7 +3,9 @@
 Each stage module lists `STAGES`: entries naming a config dataclass (whose fields, with their
 help, become the options), a `run(config, storage)` function, how to show its result and which
 figures of pipeline.report to draw from the tables it wrote. Heavy imports (torch,
-transformers) happen inside the stage functions, so `nwh sql` starts fast.
+transformers) happen inside the stage functions, and `nwh <stage>` imports only its stage's
+module (STAGE_INDEX), so a stage does not pay for the others' imports (matplotlib, polars,
+duckdb) at start-up; `nwh --help` imports them all to list them.
 
 What users see is decided here, not in library code: `--quiet` keeps only warnings and errors
 (no INFO lines, no progress bars), library FutureWarning/UserWarning/DeprecationWarning are
@@ -48,6 +50,36 @@ STAGE_MODULES = [
     "pipeline.stages.query",
 ]
 
+# stage name -> its module, so a command line imports one module; a stage missing here (or
+# whose module is not in STAGE_MODULES) is still found, by importing every module
+STAGE_INDEX = {
+    "zoo": "pipeline.stages.zoo",
+    "extract": "pipeline.stages.extract",
+    "trace": "pipeline.stages.trace",
+    "coactivation": "pipeline.stages.coactivation",
+    "graph": "pipeline.stages.graph",
+    "subset": "pipeline.stages.subsets",
+    "subset-grid": "pipeline.stages.subsets",
+    "ablate": "pipeline.stages.ablation",
+    "neuron-stats": "pipeline.stages.neuron_properties",
+    "gradients": "pipeline.stages.gradients",
+    "universal": "pipeline.stages.universal",
+    "similar": "pipeline.stages.similar",
+    "probe": "pipeline.stages.probe",
+    "report": "pipeline.report.html",
+    "site": "pipeline.report.site",
+    "dormancy": "pipeline.stages.dormancy",
+    "dormancy-sweep": "pipeline.flows",
+    "frequencies": "pipeline.stages.frequencies",
+    "top-tokens": "pipeline.stages.frequencies",
+    "signs": "pipeline.stages.frequencies",
+    "histogram": "pipeline.stages.frequencies",
+    "analyze": "pipeline.stages.analysis",
+    "plots": "pipeline.report.plots",
+    "export": "pipeline.stages.export",
+    "sql": "pipeline.stages.query",
+}
+GLOBAL_FLAGS = frozenset({"-h", "--help", "--version", "-v", "--verbose", "-q", "--quiet"})
 
 # stages that may start from an empty storage root (they read models, not runs); every other
 # stage reads a warehouse, and a --storage that is none is a one-line error, not an empty result
@@ -102,7 +134,22 @@ def package_version() -> str:
         return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
+def stage_modules(argv: list[str] | None = None) -> list[str]:
+    """The stage modules a command line needs: its stage's alone when STAGE_INDEX names it
+    (the stage is the first word that is not a global flag), else every one."""
+    words = [w for w in argv or () if w not in GLOBAL_FLAGS]
+    module = STAGE_INDEX.get(words[0]) if words and not words[0].startswith("-") else None
+    return [module] if module in STAGE_MODULES else list(STAGE_MODULES)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser: of every stage, or (given the command line) of its stage only."""
+    modules = stage_modules(argv)
+    stages = [stage for name in modules for stage in importlib.import_module(name).STAGES]
+    words = [w for w in argv or () if w not in GLOBAL_FLAGS]
+    if len(modules) == 1 and words[0] not in {stage.name for stage in stages}:
+        stages = [stage for name in STAGE_MODULES  # the index is stale: look everywhere
+                  for stage in importlib.import_module(name).STAGES]
     parser = argparse.ArgumentParser(
         prog="nwh",
         description="Neuron Warehouse: stream MLP neuron activations into a columnar warehouse "
@@ -116,9 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", dest="global_quiet", action="store_true",
                         help="only warnings and errors: no INFO lines, no progress bars")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    for name in STAGE_MODULES:
-        for stage in importlib.import_module(name).STAGES:
-            add_stage(sub, stage)
+    for stage in stages:
+        add_stage(sub, stage)
     return parser
 
 
@@ -171,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     # the filters and the log level hold for this call only (main also runs in-process)
     with warnings.catch_warnings():
         _hide_library_warnings()
-        args = build_parser().parse_args(argv)  # the stage modules import libraries
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = build_parser(argv).parse_args(argv)  # the stage modules import libraries
     with warnings.catch_warnings(), _log_level() as set_level:
         if not args.verbose:
             _hide_library_warnings()

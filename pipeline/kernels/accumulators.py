@@ -168,10 +168,11 @@ class NeuronMoments:
         self.count = self.count + p["count"]
         self._pending = None
 
-    def update_and_pack(self, acts, key=None, rows=None,
-                        routed=None) -> tuple[np.ndarray, np.ndarray]:
+    def update_and_pack(self, acts, key=None, rows=None, routed=None,
+                        out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Add a block [tokens, width] as update() does and return its packed active bits (key >
-        active_threshold, where routed) and the active count per row.
+        active_threshold, where routed) and the active count per row. `out` (uint8 [tokens,
+        ceil(width/8)], C-contiguous: a writer's commit buffer, say) receives the bits.
 
         On the CPU one fused numba pass does it all; on an accelerator the reductions and the
         bit packing run there, and only the packed bits (1/16 of fp16) come back per block.
@@ -181,18 +182,20 @@ class NeuronMoments:
         from pipeline.core.arrays import pack_mask
 
         x = torch.as_tensor(acts).reshape(-1, self.width)
+        n = x.shape[0]
         k = x if key is None else torch.as_tensor(key).reshape(x.shape)
+        if out is None:
+            out = np.empty((n, (self.width + 7) // 8), np.uint8)
         if x.device.type != "cpu":
             self.update(x, k, rows, routed)
             on = k > self.active_threshold
             if routed is not None:
                 on &= torch.as_tensor(routed, device=x.device).reshape(x.shape)
-            packed = pack_mask(on)
-            return packed, np.bitwise_count(packed).sum(1, dtype=np.int32)
+            out[...] = pack_mask(on)
+            return out, np.bitwise_count(out).sum(1, dtype=np.int32)
         from pipeline.kernels.bitkernels import moments_and_pack
 
         self._sync()
-        n = x.shape[0]
         row_bytes = (np.ones(n, np.uint8) if rows is None
                      else np.ascontiguousarray(torch.as_tensor(rows).reshape(n).numpy(), np.uint8))
         routed_bytes = (np.zeros((n, 0), np.uint8) if routed is None else np.ascontiguousarray(
@@ -203,13 +206,12 @@ class NeuronMoments:
         shift = self.shift if self.shift is not None else np.zeros(self.width)
         x32 = np.ascontiguousarray(x.to(torch.float32).numpy())
         k32 = x32 if key is None else np.ascontiguousarray(k.to(torch.float32).numpy())
-        packed = np.empty((n, (self.width + 7) // 8), np.uint8)
         sums = np.stack([self.sums[f] for f in SUM_FIELDS])
         moments_and_pack(x32, k32, np.float32(self.active_threshold), row_bytes, routed_bytes,
-                         shift, sums, self.min, self.max, self.active_count, self.count, packed)
+                         shift, sums, self.min, self.max, self.active_count, self.count, out)
         for i, f in enumerate(SUM_FIELDS):
             self.sums[f] = sums[i]
-        return packed, np.bitwise_count(packed).sum(1, dtype=np.int32)
+        return out, np.bitwise_count(out).sum(1, dtype=np.int32)
 
     def merge(self, other: NeuronMoments) -> NeuronMoments:
         """The accumulator of both inputs, with this one's shift (the other's when this is empty):

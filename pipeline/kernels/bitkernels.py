@@ -22,6 +22,8 @@ in ~0.12 s, against ~0.23 s for scalar `popcnt` in 4 x 4 register tiles (benchma
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -194,7 +196,10 @@ def and_popcount(a, b, out):
                             out[i0 + r, g * LANES + k] += counts[r * LANES + k]
 
 
-@njit(parallel=True, cache=CACHE, nogil=True)
+SLAB = 512  # neurons per parallel task of the dense kernel: its 9 accumulator rows stay in L1/L2
+ROW_STEP = 4  # rows per pass over a slab's accumulators: 4x fewer loads and stores of them
+
+
 def moments_and_pack(x, key, thr, rows, routed, shift, sums, mn, mx, act, cnt, packed):
     """One pass over a float32 block x [n, d]: the packed active bits (key > thr, key float32
     [n, d]: x itself, |x|, the gate pre-activation or a 0/1 top-k mask) [n, ceil(d/8)], and, over
@@ -205,9 +210,140 @@ def moments_and_pack(x, key, thr, rows, routed, shift, sums, mn, mx, act, cnt, p
     (routed uint8 [n, d], or [n, 0] when every neuron sees every row); a neuron that was not
     routed a row is inactive there (its bit is 0) but an excluded row keeps its bits.
 
-    Parallel over blocks of 64 neurons, each with local accumulators, so threads never share
-    an output element and the result does not depend on the thread count.
+    Each neuron's sums add its entries in row order whatever the kernel or thread count, so the
+    result does not depend on either (threads own disjoint neurons). x, key and packed must be
+    C-contiguous (the dense kernel packs through raw pointers).
     """
+    if routed.shape[1] == 0:
+        _moments_and_pack_dense(x, key, thr, rows, shift, sums, mn, mx, act, cnt, packed)
+    else:
+        _moments_and_pack_routed(x, key, thr, rows, routed, shift, sums, mn, mx, act, cnt, packed)
+
+
+@intrinsic
+def _pack64(typingctx, key_ptr, thr, out_ptr):
+    """The 64 bits key[i] > thr (i < 64, float32 at key_ptr) stored as 8 bytes at out_ptr, bit
+    i % 8 of byte i // 8: one vector compare and a mask store (AVX-512: vcmpps into k registers;
+    AVX2: vcmpps + vmovmskps), where numba's loops pack one bit at a time. The bytes are the
+    little-endian layout of the 64-bit word: callers check the host's byte order (LITTLE)."""
+    sig = types.void(types.uintp, types.float32, types.uintp)
+
+    def codegen(context, builder, signature, args):
+        key_int, threshold, out_int = args
+        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
+        vec = ir.VectorType(f32, 64)
+        values = builder.load(builder.inttoptr(key_int, vec.as_pointer()), align=4)
+        splat = builder.insert_element(ir.Constant(vec, ir.Undefined), threshold,
+                                       ir.Constant(i32, 0))
+        splat = builder.shuffle_vector(splat, ir.Constant(vec, ir.Undefined),
+                                       ir.Constant(ir.VectorType(i32, 64), [0] * 64))
+        bits = builder.bitcast(builder.fcmp_ordered(">", values, splat), i64)
+        builder.store(bits, builder.inttoptr(out_int, i64.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+LITTLE = sys.byteorder == "little"
+
+
+@njit(inline="always")
+def _pack_row(key, r, j0, w, thr, packed, key_row, out_row):
+    """Packed bits of key[r, j0:j0+w] into packed[r, j0/8:...] (j0 a multiple of 64)."""
+    full = w // 64 if LITTLE else 0
+    for b in range(full):
+        _pack64(key_row + (j0 + 64 * b) * 4, thr, out_row + j0 // 8 + 8 * b)
+    for byte in range(j0 // 8 + 8 * full, (j0 + w + 7) // 8):
+        bits = 0
+        for q in range(min(8, j0 + w - 8 * byte)):
+            bits |= (key[r, 8 * byte + q] > thr) << q
+        packed[r, byte] = bits
+
+
+@njit(inline="always")
+def _add(v, k0, t):
+    """One entry v of a neuron (shift k0) added to its running (sums, sum_abs, the 4 shifted
+    sums, min, max) t."""
+    s1, sa, p1, p2, p3, p4, lo, hi = t
+    c = v - k0
+    c2 = c * c
+    return (s1 + v, sa + abs(v), p1 + c, p2 + c2, p3 + c2 * c, p4 + c2 * c2, min(lo, v),
+            max(hi, v))
+
+
+@njit(parallel=True, cache=CACHE, nogil=True)
+def _moments_and_pack_dense(x, key, thr, rows, shift, sums, mn, mx, act, cnt, packed):
+    """moments_and_pack where every neuron sees every row (routed [n, 0]).
+
+    Parallel over slabs of SLAB neurons; a slab walks the rows ROW_STEP at a time, adding each
+    row's values to per-neuron running sums held in registers for the step (vectorized over
+    neurons), so the 9 accumulator rows are loaded and stored once per step, not once per row.
+    A step with an excluded row goes one row at a time.
+    """
+    if not (x.flags.c_contiguous and key.flags.c_contiguous and packed.flags.c_contiguous):
+        raise ValueError("moments_and_pack packs through raw pointers: pass C-contiguous arrays")
+    n, d = x.shape
+    key_base, key_stride = key.ctypes.data, key.strides[0]
+    out_base, out_stride = packed.ctypes.data, packed.strides[0]
+    for slab in prange((d + SLAB - 1) // SLAB):
+        j0 = slab * SLAB
+        w = min(j0 + SLAB, d) - j0
+        s1, sa = np.zeros(w), np.zeros(w)
+        p1, p2, p3, p4 = np.zeros(w), np.zeros(w), np.zeros(w), np.zeros(w)
+        lo, hi = np.full(w, np.inf), np.full(w, -np.inf)
+        k0 = shift[j0:j0 + w].copy()
+        ac = np.zeros(w, np.int64)
+        kept = 0
+        r = 0
+        while r < n:
+            if r + ROW_STEP <= n and rows[r] and rows[r + 1] and rows[r + 2] and rows[r + 3]:
+                x0, x1, x2, x3 = (x[r, j0:j0 + w], x[r + 1, j0:j0 + w], x[r + 2, j0:j0 + w],
+                                  x[r + 3, j0:j0 + w])
+                q0, q1, q2, q3 = (key[r, j0:j0 + w], key[r + 1, j0:j0 + w],
+                                  key[r + 2, j0:j0 + w], key[r + 3, j0:j0 + w])
+                for k in range(w):
+                    t = (s1[k], sa[k], p1[k], p2[k], p3[k], p4[k], lo[k], hi[k])
+                    t = _add(np.float64(x0[k]), k0[k], t)
+                    t = _add(np.float64(x1[k]), k0[k], t)
+                    t = _add(np.float64(x2[k]), k0[k], t)
+                    t = _add(np.float64(x3[k]), k0[k], t)
+                    s1[k], sa[k], p1[k], p2[k], p3[k], p4[k], lo[k], hi[k] = t
+                    ac[k] += (np.int64(q0[k] > thr) + np.int64(q1[k] > thr)
+                              + np.int64(q2[k] > thr) + np.int64(q3[k] > thr))
+                step = ROW_STEP
+                kept += step
+            else:
+                step = 1
+                if rows[r]:
+                    xr, qr = x[r, j0:j0 + w], key[r, j0:j0 + w]
+                    for k in range(w):
+                        s1[k], sa[k], p1[k], p2[k], p3[k], p4[k], lo[k], hi[k] = _add(
+                            np.float64(xr[k]), k0[k],
+                            (s1[k], sa[k], p1[k], p2[k], p3[k], p4[k], lo[k], hi[k]))
+                        ac[k] += qr[k] > thr
+                    kept += 1
+            for rr in range(r, r + step):  # an excluded row keeps its bits
+                _pack_row(key, rr, j0, w, thr, packed, key_base + rr * key_stride,
+                          out_base + rr * out_stride)
+            r += step
+        for k in range(w):
+            j = j0 + k
+            sums[0, j] += s1[k]
+            sums[1, j] += sa[k]
+            sums[2, j] += p1[k]
+            sums[3, j] += p2[k]
+            sums[4, j] += p3[k]
+            sums[5, j] += p4[k]
+            mn[j] = min(mn[j], lo[k])
+            mx[j] = max(mx[j], hi[k])
+            act[j] += ac[k]
+            cnt[j] += kept
+
+
+@njit(parallel=True, cache=CACHE, nogil=True)
+def _moments_and_pack_routed(x, key, thr, rows, routed, shift, sums, mn, mx, act, cnt, packed):
+    """moments_and_pack where routed is [n, d] (mixture-of-experts layers): every entry tests
+    its routing bit, so nothing vectorizes; parallel over blocks of 64 neurons."""
     n, d = x.shape
     every = routed.shape[1] == 0
     block = 64
@@ -263,3 +399,12 @@ def moments_and_pack(x, key, thr, rows, routed, shift, sums, mn, mx, act, cnt, p
             mx[j0 + k] = max(mx[j0 + k], hi[k])
             act[j0 + k] += ac[k]
             cnt[j0 + k] += nc[k]
+
+
+def warm() -> None:
+    """Load the dense moments kernel's machine code now (numba reads its cache at the first
+    call, ~0.5-1 s), so that the timed loop does not pay for it."""
+    x = np.zeros((0, 1), np.float32)
+    _moments_and_pack_dense(x, x, np.float32(0), np.zeros(0, np.uint8), np.zeros(1),
+                            np.zeros((6, 1)), np.zeros(1), np.zeros(1), np.zeros(1, np.int64),
+                            np.zeros(1, np.int64), np.zeros((0, 1), np.uint8))

@@ -570,36 +570,59 @@ class CommitTarget:
 
 
 class _Writer:
-    """Buffers one commit's rows, then writes the row arrays, tokens, state and manifest."""
+    """Buffers one commit's rows, then writes the row arrays, tokens, state and manifest.
+
+    Rows are filled in place (`block`) into one of two preallocated commit buffers: the forward
+    loop fills one while the background writer writes the other, so no block is copied to be
+    buffered or concatenated to be committed."""
 
     def __init__(self, storage: Storage, run_id: str, manifest: dict, group, specs: dict,
                  chunk_rows: int, moments: dict[int, NeuronMoments], signs: dict[int, SignStats],
-                 write_threads: int = 1, target: CommitTarget | None = None):
+                 write_threads: int = 1, target: CommitTarget | None = None,
+                 final_threads: int = 1):
         self.storage, self.run_id, self.manifest, self.group = storage, run_id, manifest, group
         self.moments, self.signs = moments, signs
         self.target = target or CommitTarget(storage.run_manifest(run_id),
                                              storage.run_dir(run_id) / "state")
         self.arrays = {name: arrays.ensure_rows_array(group, name, chunk_rows=chunk_rows, **spec)
                        for name, spec in specs.items()}
+        self.chunk_rows = chunk_rows
+        self.row_bytes = sum(a.shape[1] * a.dtype.itemsize for a in self.arrays.values())
         self.next_row = manifest["committed"]["rows"]
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._pool = ThreadPoolExecutor(max_workers=write_threads, thread_name_prefix="nwh-write")
+        self._final_threads = max(final_threads, write_threads)
+        self._final = False
+        self._buffers: list[dict[str, np.ndarray]] = [{}, {}]  # filled, and being written
         self._reset()
 
     def _reset(self) -> None:
-        self.blocks: dict[str, list[np.ndarray]] = {name: [] for name in self.arrays}
         self.token_cols: list[dict[str, np.ndarray]] = []
         self.rows = 0
         self.nbytes = 0
         self.started = time.perf_counter()
 
-    def add(self, blocks: dict[str, np.ndarray], token_cols: dict[str, Any]) -> None:
-        for name, block in blocks.items():
-            self.blocks[name].append(block)
-            self.nbytes += block.nbytes
+    def block(self, n: int) -> dict[str, np.ndarray]:
+        """Views of the next n rows of every row array's commit buffer, for the caller to fill
+        before add(); a buffer grows (doubling) when a commit holds more rows than it had."""
+        buffers, need = self._buffers[0], self.rows + n
+        for name, array in self.arrays.items():
+            old = buffers.get(name)
+            if old is None or old.shape[0] < need:
+                size = max(need, self.chunk_rows, 0 if old is None else 2 * old.shape[0])
+                grown = np.empty((size, array.shape[1]), array.dtype)
+                if old is not None:
+                    grown[:self.rows] = old[:self.rows]
+                buffers[name] = grown
+        return {name: b[self.rows:need] for name, b in buffers.items()}
+
+    def add(self, token_cols: dict[str, Any]) -> None:
+        """Count the rows of the last block() as buffered, with their tokens table rows."""
+        n = len(token_cols["row"])
         self.token_cols.append(token_cols)
-        self.rows += len(token_cols["row"])
+        self.rows += n
+        self.nbytes += n * self.row_bytes
 
     def due(self, chunk_rows: int, commit_seconds: float) -> bool:
         """A commit is due once a chunk is buffered and either commit_seconds have passed since
@@ -612,20 +635,39 @@ class _Writer:
         """Hand the buffered rows to a background writer (I/O overlaps the next forward passes).
 
         Commits stay in order: each waits for the previous one, and within one commit the
-        manifest is written last, so a crash leaves the last complete commit on record.
+        manifest is written last, so a crash leaves the last complete commit on record. The
+        last commit (finish()) is written at once, on every core: nothing is left to overlap.
         """
         self.wait()
         start = self.next_row
+        filled = self._buffers[0]
         job = dict(start=start, rows=self.rows, units=units_done, samples=samples,
-                   blocks={n: np.concatenate(b) for n, b in self.blocks.items() if b},
+                   blocks={n: b[:self.rows] for n, b in filled.items()} if self.rows else {},
                    tokens={k: np.concatenate([c[k] for c in self.token_cols])
                            for k in self.token_cols[0]} if self.token_cols else None,
                    moments={l: m.copy() for l, m in self.moments.items()},
                    signs={l: copy.deepcopy(s) for l, s in self.signs.items()})
         self.next_row = start + self.rows
         self._reset()
+        # the buffers of the commit before this one are free again (waited for above)
+        self._buffers = [self._buffers[1], filled]
+        if self._final:
+            with ThreadPoolExecutor(max_workers=self._final_threads,
+                                    thread_name_prefix="nwh-write") as pool:
+                self._write(job, pool)
+            self.wait()  # its error, if any
+            return
         self._thread = threading.Thread(target=self._write, args=(job,), daemon=True)
         self._thread.start()
+
+    def finish(self, units_done: int, samples: int) -> None:
+        """The last commit, written before this returns."""
+        self._final = True
+        try:
+            self.commit(units_done, samples)
+        finally:
+            self._final = False
+        self.wait()
 
     def wait(self) -> None:
         """Block until the pending commit is on disk; re-raise its error, if any."""
@@ -643,7 +685,7 @@ class _Writer:
             self._thread = None
         self._pool.shutdown()
 
-    def _write(self, job: dict) -> None:
+    def _write(self, job: dict, pool: ThreadPoolExecutor | None = None) -> None:
         try:
             start, target = job["start"], self.target
             writes, edges = [], {}
@@ -655,7 +697,7 @@ class _Writer:
                         edges.setdefault(a, {})[name] = block[a - start:b - start]
             # one array per thread where the forward runs on an accelerator: compression and
             # file writes release the GIL, and these writes, not the forward, bound the rate
-            list(self._pool.map(lambda w: arrays.write_rows(w[0], w[2], w[1]), writes))
+            list((pool or self._pool).map(lambda w: arrays.write_rows(w[0], w[2], w[1]), writes))
             for a, blocks in edges.items():  # rows of chunks shared with a neighbouring shard
                 save_edge(target.edge_dir / f"rows-{a:012d}.npz", blocks)
             if job["tokens"] is not None:
@@ -1131,7 +1173,10 @@ def open_manifest(p: ExtractPlan, config: ExtractConfig, storage: Storage,
 
 def extract_units(p: ExtractPlan, config: ExtractConfig, storage: Storage, manifest: dict,
                   acc: Accumulators, target: CommitTarget | None = None) -> tuple[int, int]:
-    """The forward loop over the units not yet committed; returns (rows, samples) in the end."""
+    """The forward loop over the units not yet committed; returns (rows, samples) in the end.
+
+    Each layer's neurons are reduced in the hook that hands them over, while they are still in
+    cache, straight into the writer's commit buffers."""
     import torch
     from tqdm.auto import tqdm
 
@@ -1139,12 +1184,15 @@ def extract_units(p: ExtractPlan, config: ExtractConfig, storage: Storage, manif
     from pipeline.models.hooks import capture_blocks
 
     loaded = p.loaded
+    if loaded.device.type == "cpu":  # numba's import and its first call, before the clock starts
+        from pipeline.kernels import bitkernels
+
+        bitkernels.warm()
     writer = _open_writer(p, storage, manifest, acc, target)
-    if loaded.device.type == "cpu":
-        import pipeline.kernels.bitkernels  # noqa: F401  (import numba, load the compiled kernels before the clock starts)
     token_text = _TokenText(loaded.tokenizer)
     classes = TokenClasses(loaded.tokenizer)
     base = loaded.adapter.base_model(loaded.model)
+    forward_kwargs = _forward_kwargs(base)
     committed = manifest["committed"]
     done_units, row, sample = committed["units"], committed["rows"], committed["samples"]
     t0 = time.perf_counter()
@@ -1153,11 +1201,17 @@ def extract_units(p: ExtractPlan, config: ExtractConfig, storage: Storage, manif
     bar = tqdm(total=stop - first, initial=row - first, unit="tok", unit_scale=True,
                disable=not config.progress, smoothing=0.1,
                desc=f"extract {p.run_id}" + (f" shard {p.span.shard}" if p.span else ""))
-    captured: dict[int, Any] = {}
+    # the forward being recorded: its rows, buffers and counts (empty while a prompt's tokens
+    # are generated: those forwards are not recorded)
+    step: dict[str, Any] = {}
+
+    def on_block(layer: int, block) -> None:
+        if step:
+            _reduce(p, layer, block, acc, **step)
+
     try:
         with torch.inference_mode(), capture_blocks(
-            loaded.adapter, loaded.model, loaded.sites, p.layers,
-            on_block=lambda l, b: captured.__setitem__(l, b)
+            loaded.adapter, loaded.model, loaded.sites, p.layers, on_block=on_block
         ):
             for unit in p.units:
                 if unit.index < done_units:
@@ -1165,25 +1219,45 @@ def extract_units(p: ExtractPlan, config: ExtractConfig, storage: Storage, manif
                 if last_unit is not None and unit.index >= last_unit:
                     break
                 ids = _unit_ids(p, config, unit)
+                n = ids.numel()
                 included = classes.included(ids.numpy(), config.excluded_classes,
                                             config.skip_positions)
-                captured.clear()
-                base(input_ids=ids.to(loaded.device))
-                blocks, num_active = _reduce(p, captured, acc, ids.numel(), row, included)
-                writer.add(blocks, token_columns(p, unit, ids, row, sample, num_active,
-                                                 token_text, included))
-                row, sample = row + ids.numel(), sample + ids.shape[0]
-                bar.update(ids.numel())
+                out = writer.block(n)
+                out[arrays.INCLUDED][:, 0] = included
+                step.update(out=out, n=n, row=row, num_active=np.zeros(n, np.int32),
+                            rows=None if included.all() else torch.from_numpy(included),
+                            seen=set())
+                base(input_ids=ids.to(loaded.device), **forward_kwargs)
+                seen, num_active = step.pop("seen"), step.pop("num_active")
+                step.clear()
+                if seen != set(p.layers):
+                    raise RuntimeError("the forward never reached layer(s) "
+                                       f"{sorted(set(p.layers) - seen)}")
+                writer.add(token_columns(p, unit, ids, row, sample, num_active, token_text,
+                                         included))
+                row, sample = row + n, sample + ids.shape[0]
+                bar.update(n)
                 if writer.due(p.chunk_rows, config.commit_seconds):
                     writer.commit(unit.index + 1, sample)
                 done_units = unit.index + 1
-        writer.commit(done_units, sample)
-        writer.wait()
+        writer.finish(done_units, sample)
     finally:
         bar.close()
         writer.drain()  # an interrupted run still finishes the commit in flight
     manifest["timings"]["seconds"] += time.perf_counter() - t0
     return row, sample
+
+
+def _forward_kwargs(base) -> dict[str, Any]:
+    """use_cache=False where the model's forward takes it: extraction runs each window once,
+    and a key/value cache is only copies (torch.cat per layer) nobody reads."""
+    import inspect
+
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in params else {}
 
 
 def row_arrays(p: ExtractPlan) -> dict[str, dict]:
@@ -1207,10 +1281,13 @@ def row_arrays(p: ExtractPlan) -> dict[str, dict]:
 
 def _open_writer(p: ExtractPlan, storage: Storage, manifest: dict, acc: Accumulators,
                  target: CommitTarget | None = None) -> _Writer:
-    # on the CPU the forward needs every core: one writer thread; on a GPU several
-    write_threads = 1 if p.loaded.device.type == "cpu" else min(8, os.cpu_count() or 1)
+    # on the CPU the forward needs every core: one writer thread; on a GPU several. The last
+    # commit has nothing to overlap: every core writes it
+    cores = os.cpu_count() or 1
+    write_threads = 1 if p.loaded.device.type == "cpu" else min(8, cores)
     return _Writer(storage, p.run_id, manifest, arrays.open_group(storage.arrays(p.run_id)),
-                   row_arrays(p), p.chunk_rows, acc.moments, acc.signs, write_threads, target)
+                   row_arrays(p), p.chunk_rows, acc.moments, acc.signs, write_threads, target,
+                   final_threads=min(8, cores))
 
 
 def _unit_ids(p: ExtractPlan, config: ExtractConfig, unit: Unit):
@@ -1226,38 +1303,39 @@ def _unit_ids(p: ExtractPlan, config: ExtractConfig, unit: Unit):
                     device=p.loaded.device).cpu()
 
 
-def _reduce(p: ExtractPlan, captured: dict, acc: Accumulators, n: int, row: int,
-            included: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Accumulate one forward's neurons; (row-array blocks, active count per row)."""
+def _reduce(p: ExtractPlan, l: int, b, acc: Accumulators, *, out: dict[str, np.ndarray],
+            n: int, row: int, num_active: np.ndarray, rows, seen: set) -> None:
+    """Accumulate layer l's neurons of one forward (a NeuronBlock); its masks (and dense
+    activations) go into the commit buffers `out`, its active counts into num_active."""
     import torch
 
     from pipeline.core.arrays import pack_mask
 
-    blocks = {arrays.INCLUDED: included.astype(np.uint8).reshape(n, 1)}
-    num_active = np.zeros(n, np.int32)
-    rows = None if included.all() else torch.from_numpy(included)
-    for l in p.layers:
-        b, width = captured[l], p.widths[l]
-        a = b.a.reshape(n, width)
-        g = None if b.g is None else b.g.reshape(n, width)
-        u = None if b.u is None else b.u.reshape(n, width)
-        routed = None if b.routed is None else b.routed.reshape(n, width)
-        key = None if p.rule.rule == "value" else p.rule.key(a, g)
-        if rows is not None and rows.device != a.device:
-            rows = rows.to(a.device)
-        blocks[f"active/L{l}"], per_row = acc.moments[l].update_and_pack(a, key, rows, routed)
-        num_active += per_row
-        if p.gated:
-            blocks[f"gate/L{l}"] = pack_mask(g > 0)
-            blocks[f"up/L{l}"] = pack_mask(u > 0)
-            acc.signs[l].update(a, g, u, row, rows=rows, routed=routed)
-        if l in p.top_k:
-            blocks[f"experts/L{l}"] = b.experts.reshape(n, -1).to(torch.int16).cpu().numpy()
-            blocks[f"expert_weights/L{l}"] = (b.expert_weights.reshape(n, -1)
-                                              .to(torch.float16).cpu().numpy())
-        if l in p.dense_layers:
-            blocks[f"acts/L{l}"] = a.to(torch.float16).cpu().numpy()
-    return blocks, num_active
+    if l not in p.widths:
+        return
+    seen.add(l)
+    width = p.widths[l]
+    a = b.a.reshape(n, width)
+    g = None if b.g is None else b.g.reshape(n, width)
+    u = None if b.u is None else b.u.reshape(n, width)
+    routed = None if b.routed is None else b.routed.reshape(n, width)
+    key = None if p.rule.rule == "value" else p.rule.key(a, g)
+    if rows is not None and rows.device != a.device:
+        rows = rows.to(a.device)
+    _, per_row = acc.moments[l].update_and_pack(a, key, rows, routed, out=out[f"active/L{l}"])
+    num_active += per_row
+    if p.gated:
+        out[f"gate/L{l}"][...] = pack_mask(g > 0)
+        out[f"up/L{l}"][...] = pack_mask(u > 0)
+        acc.signs[l].update(a, g, u, row, rows=rows, routed=routed)
+    if l in p.top_k:
+        out[f"experts/L{l}"][...] = b.experts.reshape(n, -1).to(torch.int16).cpu().numpy()
+        out[f"expert_weights/L{l}"][...] = (b.expert_weights.reshape(n, -1)
+                                            .to(torch.float16).cpu().numpy())
+    if l in p.dense_layers:
+        dense = torch.from_numpy(out[f"acts/L{l}"])
+        # on the CPU one pass converts into the buffer; from an accelerator half the bytes come
+        dense.copy_(a if a.device.type == "cpu" else a.to(torch.float16))
 
 
 def token_columns(p: ExtractPlan, unit: Unit, ids, row: int, sample: int,
