@@ -237,10 +237,19 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 130
         except Exception as e:
-            from pipeline.core.storage import disk_full_message, is_disk_full
+            from pipeline.core.storage import (
+                disk_full_message,
+                is_disk_full,
+                is_url,
+                remote_error_message,
+            )
 
             if is_disk_full(e):  # wherever it happened: a commit is atomic, so the rerun resumes
                 print(f"error: {disk_full_message(args.storage)}", file=sys.stderr)
+                return 2
+            # an object store failing mid-stage (endpoint, bucket, credentials): one line too
+            if is_url(args.storage) and (message := remote_error_message(e, args.storage)):
+                print(f"error: {message}", file=sys.stderr)
                 return 2
             raise
 
