@@ -69,12 +69,12 @@ def bare_forward(model_dir: Path, corpus: Path, args) -> float:
     batches = [torch.tensor(windows[i:i + args.batch_size], dtype=torch.long)
                for i in range(0, len(windows), args.batch_size)]
     with torch.inference_mode():
-        base(input_ids=batches[0].to(loaded.device))  # warm-up
+        base(input_ids=batches[0].to(loaded.device), use_cache=False)  # warm-up
         _sync(args.device)
         t0 = time.perf_counter()
         n = 0
         for ids in batches:
-            base(input_ids=ids.to(loaded.device))
+            base(input_ids=ids.to(loaded.device), use_cache=False)  # as extraction runs it
             n += ids.numel()
         _sync(args.device)
     return n / (time.perf_counter() - t0)
