@@ -93,10 +93,142 @@ def ensure_rows_array(
 
 
 def write_rows(array: zarr.Array, start: int, block: np.ndarray) -> None:
+    """Rows start.. of a row array. Every chunk file the rows cover whole is encoded here and
+    put straight to the array's store (see ChunkFormat); rows of a chunk they cover in part go
+    through zarr, which merges them with the chunk's other rows."""
     stop = start + block.shape[0]
     if array.shape[0] < stop:
         array.resize((stop, array.shape[1]))
-    array[start:stop] = block
+    form = ChunkFormat.of(array)
+    if form is None:
+        array[start:stop] = block
+        return
+    rows, c = array.shape[0], form.rows
+    first = -(-start // c)  # the first chunk that starts at or after `start`
+    last = first            # chunks first..last-1 lie whole in start..stop-1
+    while last * c < stop and min((last + 1) * c, rows) <= stop:
+        last += 1
+    if last == first:
+        array[start:stop] = block
+        return
+    lo, hi = first * c, min(last * c, rows)
+    if start < lo:
+        array[start:lo] = block[:lo - start]
+    for k in range(first, last):
+        a, b = k * c, min((k + 1) * c, rows)
+        form.put(array, k, block[a - start:b - start])
+    if hi < stop:
+        array[hi:stop] = block[hi - start:]
+
+
+class ChunkFormat:
+    """The chunk files of a row array of one of the layouts ensure_rows_array creates, encoded
+    here instead of by zarr.
+
+    zarr-python spends more on its per-chunk machinery (asyncio tasks, indexers, buffer copies
+    per inner chunk) than on the bytes: 12 layers x 8,192 rows of gpt2-small masks reached disk at
+    ~22K rows/s through it, dense fp16 at ~400 MB/s. A whole chunk file here is one transposing
+    copy into the output buffer (plus zstd per inner chunk where compressed) and one store put:
+    the bytes are those zarr writes (the format of the sharding_indexed codec: inner chunks in
+    their Morton order, which is column order for a one-row grid, then an index of (offset,
+    length) uint64 pairs and its crc32c), so zarr reads them as its own. Arrays of any other
+    layout (arrays written by other versions, say) keep zarr's own path: of() returns None.
+    """
+
+    def __init__(self, rows: int, width: int, block: int | None, zstd, dtype: np.dtype):
+        self.rows, self.width, self.block, self.dtype = rows, width, block, dtype
+        self.zstd = zstd  # numcodecs Zstd of the (inner) chunks, or None: stored raw
+
+    @classmethod
+    def of(cls, array: zarr.Array) -> ChunkFormat | None:
+        from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+        meta = array.metadata
+        if getattr(meta, "zarr_format", None) != 3 or array.ndim != 2 or \
+                getattr(meta.chunk_key_encoding, "name", None) != "default":
+            return None
+        dtype = np.dtype(array.dtype)
+        if dtype.byteorder == ">" or np.asarray(meta.fill_value).any():
+            return None  # big-endian, or padding that is not zero
+        codecs = list(meta.codecs)
+        block = None
+        outer = tuple(array.chunks if array.shards is None else array.shards)
+        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+            shard = codecs[0]
+            index = list(shard.index_codecs)
+            if shard.index_location.value != "end" or len(index) != 2 or not (
+                    isinstance(index[0], BytesCodec) and isinstance(index[1], Crc32cCodec)):
+                return None
+            inner = tuple(shard.chunk_shape)
+            if inner[0] != outer[0] or outer[1] % inner[1]:
+                return None
+            codecs, block = list(shard.codecs), inner[1]
+        if outer[1] < array.shape[1] or not codecs or not isinstance(codecs[0], BytesCodec):
+            return None  # more than one chunk across the columns, or no bytes codec first
+        zstd = None
+        if len(codecs) == 2:
+            from numcodecs import Zstd
+            from zarr.codecs import ZstdCodec
+
+            if not isinstance(codecs[1], ZstdCodec):
+                return None
+            zstd = Zstd(level=codecs[1].level, checksum=codecs[1].checksum)
+        elif len(codecs) != 1:
+            return None
+        return cls(outer[0], outer[1], block, zstd, dtype)
+
+    def encode(self, rows: np.ndarray) -> np.ndarray:
+        """The bytes (uint8) of a chunk file holding `rows` (at most self.rows; zero-padded)."""
+        n, width = rows.shape
+        if n < self.rows or width < self.width:
+            padded = np.zeros((self.rows, self.width), self.dtype)
+            padded[:n, :width] = rows
+            rows = padded
+        rows = rows.astype(self.dtype, copy=False)
+        if self.block is None:
+            raw = np.ascontiguousarray(rows).view(np.uint8).reshape(-1)
+            return raw if self.zstd is None else np.frombuffer(self.zstd.encode(raw), np.uint8)
+        blocks = self.width // self.block
+        pieces = rows.reshape(self.rows, blocks, self.block).transpose(1, 0, 2)
+        piece_bytes = self.rows * self.block * self.dtype.itemsize
+        if self.zstd is None:
+            lengths = [piece_bytes] * blocks
+            body_bytes = piece_bytes * blocks
+            out = np.empty(body_bytes + 16 * blocks + 4, np.uint8)
+            out[:body_bytes].view(self.dtype).reshape(pieces.shape)[...] = pieces
+        else:
+            encoded = [self.zstd.encode(np.ascontiguousarray(p)) for p in pieces]
+            lengths = [len(e) for e in encoded]
+            body_bytes = sum(lengths)
+            out = np.empty(body_bytes + 16 * blocks + 4, np.uint8)
+            at = 0
+            for e in encoded:
+                out[at:at + len(e)] = np.frombuffer(e, np.uint8)
+                at += len(e)
+        index = np.empty((blocks, 2), "<u8")
+        index[:, 1] = lengths
+        index[:, 0] = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        out[body_bytes:-4] = index.view(np.uint8).reshape(-1)
+        import google_crc32c
+
+        crc = np.array([google_crc32c.value(out[body_bytes:-4].tobytes())], "<u4")
+        out[-4:] = crc.view(np.uint8)
+        return out
+
+    def put(self, array: zarr.Array, k: int, rows: np.ndarray) -> None:
+        """Write chunk file k (rows k*self.rows..) of `array` from `rows`."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        prefix = array.store_path.path
+        key = array.metadata.encode_chunk_key((k, 0))
+        key = f"{prefix}/{key}" if prefix else key
+        value = default_buffer_prototype().buffer.from_array_like(self.encode(rows))
+        store = array.store_path.store
+        if hasattr(store, "set_sync"):  # a local folder: written to a temporary file, renamed
+            store.set_sync(key, value)
+        else:
+            sync(store.set(key, value))
 
 
 ROW_KINDS = ("acts", "active", "gate", "up", "experts", "expert_weights")  # groups of L<l> arrays
