@@ -47,7 +47,7 @@ MODELS ?= zoo-s0 zoo-s1 zoo-s2
 
 .PHONY: help setup real-model-packages real-models zoo extract extract-prompts trace sql coactivation dormancy dormancy-sweep \
 	frequencies analyze plots export graph subset subset-grid ablate demo test lint bench \
-	bench-coactivation bench-graph bench-correlation bench-threads bench-peers bench-universal bench-neuron-read site similar probe neuron-stats universal gradients report clean
+	bench-coactivation bench-graph bench-correlation bench-threads bench-peers bench-writer bench-universal bench-neuron-read site similar probe neuron-stats universal gradients report clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -265,6 +265,9 @@ bench-threads: $(STAMP) ## thread split of a CPU extraction, idle and under load
 
 bench-peers: $(STAMP) ## nwh against nnsight, TransformerLens and plain hooks (each in a fresh process)
 	$(VENV)/bin/python benchmarks/peers.py
+
+bench-writer: $(STAMP) ## one commit's masks and dense rows through zarr and through nwh's chunk encoder, beside plain writes
+	$(VENV)/bin/python benchmarks/writer.py
 
 bench-universal: zoo ## universal neurons against a port of the reference (needs the zoo)
 	$(VENV)/bin/python benchmarks/universal.py agreement --storage $(STORAGE)
