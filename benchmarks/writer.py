@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -37,6 +36,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from peers import cpu_info  # noqa: E402  (benchmarks/, the script's folder)
 
 from pipeline.core import arrays  # noqa: E402
 
@@ -106,10 +107,9 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     args = ap.parse_args()
 
-    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
-    isa = [f for f in ("avx2", "avx512f", "avx512_vpopcntdq") if f" {f}" in flags]
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"{' '.join(isa) or 'no AVX'}; load {os.getloadavg()[0]:.2f}")
+    cpu = cpu_info()
+    print(f"cpu: {cpu['model']}, {os.cpu_count()} cores, avx512f={cpu['avx512f']}, "
+          f"avx512_vpopcntdq={cpu['avx512_vpopcntdq']}; load average {os.getloadavg()[0]:.2f}")
     print(f"{args.layers} layers x {args.rows:,} rows x {args.neurons:,} neurons, chunk rows "
           f"{args.chunk_rows:,}, median of {args.repeats}")
     base = Path(tempfile.mkdtemp(prefix="nwh-writer-", dir=args.dir))
