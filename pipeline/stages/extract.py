@@ -596,10 +596,6 @@ class _Writer:
         self._final = False
         self._buffers: list[dict[str, np.ndarray]] = [{}, {}]  # filled, and being written
         self._reset()
-        # pyarrow loads its pandas shim at its first conversion (~0.3 s): here, not in the
-        # first commit, where it would compete with the forward passes
-        tables.to_arrow("tokens", {f.name: np.zeros(0, f.type.to_pandas_dtype())
-                                   for f in tables.schema("tokens")})
 
     def _reset(self) -> None:
         self.token_cols: list[dict[str, np.ndarray]] = []
