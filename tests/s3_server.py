@@ -26,8 +26,9 @@ def missing_packages() -> list[str]:
 
 @contextmanager
 def s3_server(bucket: str = BUCKET) -> Iterator[str]:
-    """Start the server on a free port, point the AWS_* environment at it (dummy credentials,
-    us-east-1), create `bucket`; yield the endpoint URL; restore the environment and stop."""
+    """Start the server on a free port with moto's state reset, point the AWS_* environment at
+    it (dummy credentials, us-east-1), create `bucket`; yield the endpoint URL; restore the
+    environment and stop."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
@@ -42,12 +43,26 @@ def s3_server(bucket: str = BUCKET) -> Iterator[str]:
     for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
         os.environ.pop(k, None)
     try:
+        import urllib.request
+
         import fsspec
+        import s3fs
+
+        # moto keeps its state per process, not per server: start from an empty one, so a
+        # bucket an earlier test module left behind is not there
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset",
+                                                      method="POST"), timeout=30).close()
+        # filesystems are cached by their arguments, and the endpoint comes from the
+        # environment: one cached for an earlier server would still point at its port
+        s3fs.S3FileSystem.clear_instance_cache()
 
         fs = fsspec.filesystem("s3", endpoint_url=endpoint, skip_instance_cache=True)
         fs.mkdir(bucket)
         yield endpoint
     finally:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
